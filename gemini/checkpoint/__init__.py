@@ -1,0 +1,1 @@
+"""Checkpoint format, backends, placement and cadence."""

@@ -1,0 +1,181 @@
+"""One checkpoint backend interface; the implementations differ only in ``_hooks``.
+
+The trainer drives a backend once per step:
+
+1. ``snapshot(step, state)`` — start checkpointing the state just produced by
+   the optimizer step (may return before the copy is done: it overlaps the
+   next forward/backward);
+2. ``wait()`` — called before the next optimizer step changes the parameters,
+   and at the end: finishes and commits the in-flight snapshot and returns its
+   timings;
+3. ``retrieve(rank, step, source)`` — on restart, the state of a rank.
+
+Public methods validate and time; the ``_``-prefixed hooks do the
+backend-specific work (as torchtitan's checkpointer does). Every backend
+reports the same timings so that experiments differ only by config.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from gemini.cluster.job import JobSpec
+    from gemini.workload.state import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says which and why."""
+
+
+@dataclass
+class SnapshotTiming:
+    """What one checkpoint of one rank cost."""
+
+    step: int
+    stall_s: float = 0.0
+    """How long training waited on this checkpoint."""
+    local_s: float = 0.0
+    """Copy into local memory / onto storage."""
+    replicate_s: float = 0.0
+    """Sending the remote copies."""
+    persist_s: float = 0.0
+    """Writing the persistent tier (storage), if any this step."""
+    bytes: int = 0
+    """Bytes of this rank's checkpoint."""
+
+
+@dataclass
+class Retrieved:
+    """A rank's state read back from a checkpoint."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+    source: str
+    """``local``, ``peer:<node>`` or ``storage``."""
+    bytes: int
+    retrieve_s: float
+
+
+@dataclass
+class BackendContext:
+    """Where a rank's backend lives: which job, node, rank."""
+
+    job: JobSpec
+    node: int
+    rank: int
+    local_rank: int
+    world_size: int
+    config_hash: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointBackend(ABC):
+    """Start a snapshot, wait/commit, list complete steps, retrieve, close."""
+
+    name = "abstract"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self._pending: SnapshotTiming | None = None
+        self._closed = False
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None
+
+    def snapshot(self, step: int, state: TrainState) -> None:
+        """Start the checkpoint of ``step``; the previous one must have been waited for."""
+        if self._closed:
+            raise CheckpointError(f"{self.name}: snapshot after close")
+        if self._pending is not None:
+            raise CheckpointError(f"{self.name}: snapshot of step {step} while step {self._pending.step} is in flight")
+        t0 = time.perf_counter()
+        timing = SnapshotTiming(step=step)
+        self._snapshot(step, state, timing)
+        timing.stall_s += time.perf_counter() - t0
+        self._pending = timing
+
+    def wait(self) -> SnapshotTiming | None:
+        """Finish and commit the in-flight snapshot (None if there is none)."""
+        if self._pending is None:
+            return None
+        timing, self._pending = self._pending, None
+        t0 = time.perf_counter()
+        self._wait(timing)
+        timing.stall_s += time.perf_counter() - t0
+        return timing
+
+    def complete_steps(self) -> list[int]:
+        """Steps of this rank with a complete checkpoint here, newest first."""
+        return self._complete_steps()
+
+    def retrieve(self, step: int, source: dict[str, Any] | None = None) -> Retrieved:
+        """This rank's state at ``step`` from ``source`` (the recovery plan's choice)."""
+        t0 = time.perf_counter()
+        out = self._retrieve(step, source or {})
+        out.retrieve_s = time.perf_counter() - t0
+        if out.step != step:
+            raise CheckpointError(f"{self.name}: asked for step {step}, got {out.step}")
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    # -- hooks ----------------------------------------------------------------
+    @abstractmethod
+    def _snapshot(self, step: int, state: TrainState, timing: SnapshotTiming) -> None: ...
+
+    @abstractmethod
+    def _wait(self, timing: SnapshotTiming) -> None: ...
+
+    @abstractmethod
+    def _complete_steps(self) -> list[int]: ...
+
+    @abstractmethod
+    def _retrieve(self, step: int, source: dict[str, Any]) -> Retrieved: ...
+
+    def _close(self) -> None:
+        return None
+
+
+class NoBackend(CheckpointBackend):
+    """``backend=none``: never checkpoints, so a failure restarts from step 0."""
+
+    name = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return False
+
+    def _snapshot(self, step: int, state: TrainState, timing: SnapshotTiming) -> None:
+        raise CheckpointError("backend=none takes no checkpoints")
+
+    def _wait(self, timing: SnapshotTiming) -> None:
+        return None
+
+    def _complete_steps(self) -> list[int]:
+        return []
+
+    def _retrieve(self, step: int, source: dict[str, Any]) -> Retrieved:
+        raise CheckpointError("backend=none has no checkpoint to retrieve")
+
+
+def make_backend(ctx: BackendContext) -> CheckpointBackend:
+    """The backend the config names."""
+    name = ctx.job.config["backend"]["name"]
+    if name == "none":
+        return NoBackend(ctx)
+    raise CheckpointError(f"backend.name={name!r} is not available yet")

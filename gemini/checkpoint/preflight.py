@@ -1,0 +1,35 @@
+"""Checks made before anything is started or allocated: refuse what cannot work.
+
+A job that would run out of /dev/shm half-way, or write into a directory it
+cannot write, should fail in the first second with one line that says what
+to change — not after the cluster started and left memory behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gemini.config import ConfigError, GeminiConfig
+
+
+def disk_root(cfg: GeminiConfig, job_dir: Path) -> Path:
+    """Where the ``disk`` backend (and the persistent tier) writes."""
+    return Path(cfg.backend.path) if cfg.backend.path else job_dir / "checkpoints"
+
+
+def preflight(cfg: GeminiConfig, job_dir: Path) -> None:
+    b = cfg.backend
+    if b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0):
+        root = disk_root(cfg, job_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError("backend.path", str(root), f"is not writable ({e.strerror}): choose a writable directory") from e
+    if b.name in ("memory", "replicated"):
+        from gemini.checkpoint.memory import check_shm_budget
+
+        check_shm_budget(cfg)

@@ -1,0 +1,92 @@
+"""The ``gemini`` console script: a thin Hydra entry point over ``experiment.run``.
+
+User errors — an unknown group option, a value out of range, an unwritable
+path — end as one line on stderr naming the key, the value and the fix, with
+exit status 2 and no traceback. Group options are checked before Hydra runs
+(Hydra's own message spans a screen); values are checked by the schemas.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from gemini.config import REPO_ROOT, ConfigError, register_configs
+
+
+def config_dir() -> Path:
+    """conf/ at the repository root (editable install) or shipped in the package."""
+    for candidate in (REPO_ROOT / "conf", Path(__file__).resolve().parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("gemini's conf/ directory is missing: reinstall the package")
+
+
+CONF = config_dir()
+
+
+def fail(message: str) -> None:
+    print(f"gemini: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def group_options(group: str) -> list[str]:
+    d = CONF / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse unknown group options and malformed overrides with one line each."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "malformed override"
+        fail(f"{first}: write overrides as key=value")
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if key not in groups or o.is_delete():
+            continue
+        values = (
+            [str(v) for v in o.sweep_iterator()] if o.is_sweep_override() else [str(o.value())]
+        )
+        known = group_options(key)
+        for v in values:
+            if v not in known:
+                fail(f"{key}={v}: unknown option; choose one of {', '.join(known)}")
+
+
+def _task(cfg: DictConfig) -> None:
+    from gemini.experiment import JobFailed, run
+
+    try:
+        run(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except JobFailed as e:
+        print(f"gemini: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("gemini: interrupted; every process and shared-memory segment was cleaned up", file=sys.stderr)
+        sys.exit(130)
+
+
+def main() -> None:
+    register_configs()
+    check_overrides(sys.argv[1:])
+    app = hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(_task)
+    try:
+        app()
+    except ConfigError as e:  # raised while composing (e.g. a resolver)
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

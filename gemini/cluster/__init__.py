@@ -1,0 +1,1 @@
+"""KV store, agents, transport and launchers."""

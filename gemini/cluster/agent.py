@@ -1,0 +1,148 @@
+"""The worker agent: one per node, long-lived, the owner of the node's checkpoint memory.
+
+It heartbeats into the KV store, starts and stops the node's trainer ranks
+generation by generation as the root agent decides (as torchelastic's agent
+supervises its workers), reports how each trainer exited, and hosts the
+node's checkpoint services (shared-memory slots, the replication receiver).
+Because it is a separate process from the trainers, a trainer crash — a
+software failure — loses no checkpoint; killing the agent is a hardware
+failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from gemini.cluster.job import JobSpec, spawn_module, terminate_tree
+from gemini.cluster.store import Store
+
+
+class Heartbeat:
+    """A thread that bumps ``hb/{name}`` every period (a counter: no clock skew)."""
+
+    def __init__(self, store_address: str, name: str, period_s: float) -> None:
+        self.store = Store.from_address(store_address)
+        self.name, self.period_s = name, period_s
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"hb-{name}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.incr(f"hb/{self.name}")
+            except Exception:  # the store went away: the job is over
+                return
+            self._stop.wait(self.period_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+
+class WorkerAgent:
+    def __init__(self, job: JobSpec, node: int) -> None:
+        self.job, self.node = job, node
+        self.cfg = job.cfg
+        self.store = Store.from_address(job.store)
+        self.rpn = self.cfg.cluster.ranks_per_node
+        self.ranks = [node * self.rpn + i for i in range(self.rpn)]
+        self.trainers: dict[int, subprocess.Popen[bytes]] = {}
+        self.gen = 0
+        self.reported: set[int] = set()
+        self.log_dir = Path(job.job_dir) / "logs"
+        self.services: Any = None
+        self._stopping = False
+
+    def start_services(self) -> dict[str, Any]:
+        """The node's checkpoint services; their address goes into the registration."""
+        from gemini.checkpoint.agent_side import make_agent_services
+
+        self.services = make_agent_services(self.job, self.node, self.store)
+        return dict(self.services.start())
+
+    def run(self) -> int:
+        hb = Heartbeat(self.job.store, f"node{self.node}", self.cfg.cluster.heartbeat_s).start()
+        info = self.start_services()
+        incarnation = self.store.incr(f"agent/node{self.node}/incarnation")
+        self.store.set_json(
+            f"agent/node{self.node}",
+            {"pid": os.getpid(), "node": self.node, "incarnation": incarnation, **info},
+        )
+        try:
+            while not self._stopping:
+                if self.store.exists("ctl/done") or self.store.exists("ctl/abort"):
+                    break
+                g = self.store.counter("ctl/gen")
+                if g > self.gen:
+                    self.stop_trainers()
+                    self.launch(g)
+                elif self.trainers and self.store.exists(f"ctl/stop/{self.gen}"):
+                    self.stop_trainers()
+                self.poll_trainers()
+                if self.services is not None:
+                    self.services.tick()
+                time.sleep(0.05)
+        finally:
+            self.stop_trainers()
+            hb.stop()
+            if self.services is not None:
+                self.services.close()
+        return 0
+
+    def launch(self, gen: int) -> None:
+        self.gen = gen
+        self.reported = set()
+        for local, rank in enumerate(self.ranks):
+            args = ["--job", str(Path(self.job.job_dir) / "job.json"), "--node", str(self.node),
+                    "--rank", str(rank), "--local-rank", str(local), "--gen", str(gen)]
+            log = self.log_dir / f"rank{rank}.log"
+            self.trainers[rank] = spawn_module("gemini.workload.trainer", args, log_path=log)
+
+    def poll_trainers(self) -> None:
+        for rank, proc in list(self.trainers.items()):
+            code = proc.poll()
+            if code is not None and rank not in self.reported:
+                self.reported.add(rank)
+                self.store.set_json(
+                    f"exit/{self.gen}/{rank}", {"code": code, "node": self.node, "t": time.time()}
+                )
+
+    def stop_trainers(self) -> None:
+        for proc in self.trainers.values():
+            if proc.poll() is None:
+                terminate_tree(proc.pid, grace_s=2.0)
+        self.poll_trainers()
+        self.trainers = {}
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--job", required=True)
+    p.add_argument("--node", type=int, required=True)
+    a = p.parse_args(argv)
+    agent = WorkerAgent(JobSpec.load(a.job), a.node)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        return agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The local launcher: a simulated cluster of N nodes as process trees on this host.
+
+Each node is a node launcher process in its own session (so the injector can
+take exactly one node down, and a Ctrl-C reaches only the controller, which
+then tears everything down in order). The root agent is a process of its own.
+The launcher also serves the root's requests for a fresh node, which is how a
+hardware failure's "replace the machine" happens here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from gemini.checkpoint.slot import unlink_prefix
+from gemini.cluster.job import JobSpec, kill_tree, run_processes, spawn_module, terminate_tree
+from gemini.cluster.store import Store
+
+
+class LocalCluster:
+    def __init__(self, job: JobSpec, store: Store) -> None:
+        self.job, self.store = job, store
+        self.job_path = str(Path(job.job_dir) / "job.json")
+        self.log_dir = Path(job.job_dir) / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.root: subprocess.Popen[bytes] | None = None
+        self.spawn_seen = 0
+        self.replaced: list[tuple[int, float]] = []
+        # Inherited by every process of the run: how teardown finds orphans.
+        self.env = {"GEMINI_RUN_ID": job.run_id}
+
+    def start(self) -> None:
+        self.root = spawn_module(
+            "gemini.cluster.root", ["--job", self.job_path], log_path=self.log_dir / "root.log",
+            new_session=True, env=self.env,
+        )
+        self.store.set_json("root/pid", {"pid": self.root.pid})
+        for n in range(self.job.cfg.cluster.nodes):
+            self.start_node(n)
+
+    def start_node(self, node: int) -> None:
+        self.nodes[node] = spawn_module(
+            "gemini.cluster.node",
+            ["--job", self.job_path, "--node", str(node)],
+            log_path=self.log_dir / f"node{node}.log",
+            new_session=True,
+            env=self.env,
+        )
+        self.store.set_json(f"launcher/node{node}", {"pid": self.nodes[node].pid})
+
+    def node_pid(self, node: int) -> int | None:
+        p = self.nodes.get(node)
+        return p.pid if p is not None and p.poll() is None else None
+
+    def kill_node(self, node: int) -> None:
+        """A hardware failure: the node's whole process tree and its memory are gone."""
+        p = self.nodes.get(node)
+        if p is not None:
+            kill_tree(p.pid)
+            p.wait()
+        unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
+
+    def service(self) -> None:
+        """Serve the root's requests to replace nodes (fresh process tree, empty memory)."""
+        for n, req in self.store.items("spawn", self.spawn_seen + 1):
+            self.spawn_seen = n
+            node = int(req["node"])
+            p = self.nodes.get(node)
+            if p is not None and p.poll() is None:
+                kill_tree(p.pid)
+            unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
+            self.start_node(node)
+            self.replaced.append((node, time.time()))
+            self.store.set_json(f"spawn/{n}/ack", {"node": node, "t": time.time()})
+
+    def root_alive(self) -> bool:
+        return self.root is not None and self.root.poll() is None
+
+    def teardown(self) -> None:
+        """Stop everything this job started, and free its shared memory."""
+        try:
+            self.store.set("ctl/abort", "1")
+        except Exception:
+            pass
+        procs = [p for p in [self.root, *self.nodes.values()] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                terminate_tree(p.pid, grace_s=3.0)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                kill_tree(p.pid)
+        # Orphans (an elected root whose node died, a trainer whose agent was
+        # killed) were re-parented away from us: find them by the run's env.
+        leftovers = run_processes(self.job.run_id)
+        for proc in leftovers:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=5)
+        unlink_prefix(f"gemini-{self.job.run_id}-")

@@ -1,0 +1,327 @@
+"""Dataclass schemas of every config group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` extend these schemas: a key that is not declared
+here is refused at composition, and :func:`validate` checks the values that a
+type alone cannot (ranges, cross-group consistency). Every refusal is a
+:class:`ConfigError` that names the key, the value and the fix, so the entry
+point can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUTS = REPO_ROOT / "outputs"
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: key, value and what to do."""
+
+    def __init__(self, key: str, value: Any, fix: str) -> None:
+        self.key, self.value, self.fix = key, value, fix
+        super().__init__(f"{key}={value!r}: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Name of the option (mlp, gpt_tiny, gpt_small, gpt_medium)."""
+    kind: str = "gpt"
+    """Architecture: ``mlp`` (regression on seeded features) or ``gpt`` (next-token LM)."""
+    input_dim: int = 256
+    """mlp: width of the synthetic input features."""
+    hidden_dim: int = 1024
+    """mlp: width of the hidden layers."""
+    depth: int = 4
+    """mlp: number of hidden layers."""
+    output_dim: int = 16
+    """mlp: number of regression targets."""
+    vocab_size: int = 1024
+    """gpt: vocabulary of the synthetic token stream."""
+    n_layer: int = 4
+    """gpt: transformer blocks."""
+    n_head: int = 4
+    """gpt: attention heads per block (must divide n_embd)."""
+    n_embd: int = 128
+    """gpt: embedding width."""
+    block_size: int = 256
+    """gpt: longest sequence the position table covers (>= train.seq_len)."""
+
+
+@dataclass
+class ClusterConfig:
+    launcher: str = "local"
+    """How nodes are started: ``local`` (N node launchers on this host)."""
+    nodes: int = 4
+    """Simulated machines; each runs a node launcher, a worker agent and its ranks."""
+    ranks_per_node: int = 1
+    """Trainer processes per node."""
+    threads_per_rank: int = 1
+    """torch intra-op threads per trainer (``torch.set_num_threads``)."""
+    heartbeat_s: float = 0.5
+    """Period of the worker agents' heartbeats into the KV store."""
+    missed_beats: int = 4
+    """Beats a node may miss before the root agent declares it failed."""
+    collective_timeout_s: float = 20.0
+    """Process-group timeout: how long a survivor may block in a collective."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+    max_ranks_per_core: int = 4
+    """Oversubscription this host accepts before refusing a layout."""
+    host: str = "127.0.0.1"
+    """Address the controller's KV store and the agents' transports bind to."""
+
+
+@dataclass
+class ReplicationConfig:
+    factor: int = 2
+    """m: copies of each checkpoint in CPU memory, the local one included."""
+    placement: str = "group"
+    """``group`` (Algorithm 1: group if m | N, else mixed), ``mixed`` or ``ring``."""
+
+
+@dataclass
+class BackendConfig:
+    name: str = "none"
+    """Checkpoint backend: ``none``, ``disk``, ``memory`` or ``replicated``."""
+    path: str = ""
+    """disk: shared-filesystem root (NFS/Lustre on a cluster); empty = under the run dir."""
+    cadence: str = "every_n"
+    """When to checkpoint: ``every_n``, ``highfreq``, ``checkfreq``, ``young_daly``."""
+    every_n: int = 1
+    """every_n: checkpoint every this many steps (1 = every iteration, Gemini)."""
+    overhead_bound_pct: float = 5.0
+    """checkfreq: largest checkpoint overhead to accept, percent of iteration time."""
+    mtbf_s: float = 3600.0
+    """young_daly: assumed mean time between failures, seconds."""
+    keep_last: int = 2
+    """disk: complete checkpoints kept on storage (older ones are deleted)."""
+    persist: str = "blocking"
+    """disk: ``blocking`` writes in the step, ``background`` snapshots to RAM and persists in a thread (CheckFreq)."""
+    bandwidth_gbps: float = 0.0
+    """disk: emulated storage bandwidth per node in Gbit/s (0 = real disk speed); reported as emulated."""
+    persist_every_s: float = 0.0
+    """memory/replicated: also persist through ``disk`` every this many seconds (0 = never)."""
+    chunk_mb: int = 4
+    """Checksum chunk and network chunk size, MiB."""
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    """replicated: factor and placement of the in-memory copies."""
+
+
+@dataclass
+class FailureConfig:
+    name: str = "none"
+    """Schedule: none, software_once, hardware_once, two_in_group, poisson, weibull, correlated, kill_during_snapshot, corruption, root_loss."""
+    at_step: int | None = None
+    """Step at which a one-off failure fires (None = seeded-random in the middle half)."""
+    node: int | None = None
+    """Node hit by a one-off failure (None = seeded-random)."""
+    rank_in_node: int = 0
+    """software failures: which local rank is killed."""
+    mtbf_s: float = 600.0
+    """poisson/weibull: mean time between failures, seconds."""
+    weibull_shape: float = 0.7
+    """weibull: shape (< 1: infant mortality)."""
+    k: int = 2
+    """correlated: nodes that fail together."""
+    kind: str = "hardware"
+    """correlated/poisson/weibull: failure kind of each event."""
+    max_events: int = 4
+    """poisson/weibull: most events in one run."""
+    seed: int | None = None
+    """Schedule seed (None = train.seed): one seed, one schedule."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to train."""
+    micro_batch: int = 8
+    """Samples per rank per step."""
+    seq_len: int = 64
+    """gpt: tokens per sample."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps of the schedule."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of the model init and the synthetic data: same seed, same final state."""
+    parallel: str = "ddp"
+    """``ddp`` (replicated optimizer) or ``zero`` (optimizer state sharded across ranks)."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Record the run in MLflow."""
+    uri: str = ""
+    """MLflow tracking URI; empty = ``sqlite:///<abs outputs>/mlflow.db``."""
+    experiment: str = "gemini"
+    """MLflow experiment name."""
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = str(DEFAULT_OUTPUTS)
+    """Root of run dirs, the MLflow store and checkpoints (override with GEMINI_OUTPUTS)."""
+
+
+@dataclass
+class GeminiConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    progress: bool = True
+    """Show a progress bar and the results table on the console."""
+
+
+def default_outputs() -> str:
+    """GEMINI_OUTPUTS if set, else outputs/ at the repository root (absolute)."""
+    return str(Path(os.environ.get("GEMINI_OUTPUTS") or DEFAULT_OUTPUTS).resolve())
+
+
+def register_configs() -> None:
+    """Register the schemas so that conf/ YAML files are typed by them."""
+    if not OmegaConf.has_resolver("gemini_outputs"):
+        OmegaConf.register_new_resolver("gemini_outputs", default_outputs)
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=GeminiConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
+    cs.store(group="backend", name="base_backend", node=BackendConfig)
+    cs.store(group="failure", name="base_failure", node=FailureConfig)
+    cs.store(group="train", name="base_train", node=TrainConfig)
+    cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
+
+
+BACKENDS = ("none", "disk", "memory", "replicated")
+PARALLELS = ("ddp", "zero")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"use one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float, what: str = "") -> None:
+    if value < low:
+        raise ConfigError(key, value, what or f"must be >= {low}")
+
+
+def to_schema(cfg: DictConfig | GeminiConfig) -> GeminiConfig:
+    """The typed config object of a composed DictConfig (validated)."""
+    if isinstance(cfg, GeminiConfig):
+        obj = cfg
+    else:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(plain, dict)
+        plain.pop("hydra", None)
+        typed = OmegaConf.merge(OmegaConf.structured(GeminiConfig), plain)
+        obj = OmegaConf.to_object(typed)  # type: ignore[assignment]
+        assert isinstance(obj, GeminiConfig)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: GeminiConfig) -> None:
+    """Refuse values a type cannot: ranges, choices, cross-group consistency."""
+    m, c, t, b = cfg.model, cfg.cluster, cfg.train, cfg.backend
+    _choice("model.kind", m.kind, ("mlp", "gpt"))
+    if m.kind == "gpt":
+        if m.n_embd % m.n_head:
+            raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
+        if t.seq_len > m.block_size:
+            raise ConfigError(
+                "train.seq_len", t.seq_len, f"must be <= model.block_size={m.block_size}"
+            )
+    _choice("cluster.launcher", c.launcher, ("local",))
+    _at_least("cluster.nodes", c.nodes, 1, "must be >= 1: set cluster.nodes=1 or more")
+    _at_least("cluster.ranks_per_node", c.ranks_per_node, 1, "must be >= 1")
+    _at_least("cluster.threads_per_rank", c.threads_per_rank, 1, "must be >= 1")
+    _at_least("cluster.missed_beats", c.missed_beats, 1, "must be >= 1")
+    if c.heartbeat_s <= 0:
+        raise ConfigError("cluster.heartbeat_s", c.heartbeat_s, "must be > 0 seconds")
+    if c.collective_timeout_s <= 0:
+        raise ConfigError("cluster.collective_timeout_s", c.collective_timeout_s, "must be > 0")
+    _choice("cluster.device", c.device, DEVICES)
+    check_capacity(c)
+    _at_least("train.steps", t.steps, 1, "must be >= 1")
+    _at_least("train.micro_batch", t.micro_batch, 1, "must be >= 1")
+    _at_least("train.seq_len", t.seq_len, 1, "must be >= 1")
+    _choice("train.parallel", t.parallel, PARALLELS)
+    if t.lr <= 0:
+        raise ConfigError("train.lr", t.lr, "must be > 0")
+    _choice("backend.name", b.name, BACKENDS)
+    _at_least("backend.every_n", b.every_n, 1, "must be >= 1")
+    _at_least("backend.keep_last", b.keep_last, 1, "must keep at least 1 checkpoint")
+    _at_least("backend.chunk_mb", b.chunk_mb, 1, "must be >= 1 MiB")
+    _choice("backend.persist", b.persist, ("blocking", "background"))
+    if b.bandwidth_gbps < 0:
+        raise ConfigError("backend.bandwidth_gbps", b.bandwidth_gbps, "must be >= 0 (0 = no cap)")
+    r = b.replication
+    if b.name == "replicated":
+        if not 1 <= r.factor <= c.nodes:
+            raise ConfigError(
+                "backend.replication.factor",
+                r.factor,
+                f"use a factor between 1 and cluster.nodes={c.nodes}",
+            )
+        _choice("backend.replication.placement", r.placement, ("group", "mixed", "ring"))
+
+
+def check_capacity(c: ClusterConfig) -> None:
+    """Refuse a layout this host cannot hold rather than thrash for minutes."""
+    cores = os.cpu_count() or 1
+    ranks = c.nodes * c.ranks_per_node
+    limit = c.max_ranks_per_core * cores
+    if ranks > limit:
+        raise ConfigError(
+            "cluster.nodes",
+            c.nodes,
+            f"{c.nodes} nodes x {c.ranks_per_node} ranks = {ranks} trainer processes exceeds "
+            f"what this machine holds ({limit} = cluster.max_ranks_per_core="
+            f"{c.max_ranks_per_core} x {cores} cores): lower cluster.nodes or "
+            "cluster.ranks_per_node",
+        )
+
+
+def config_hash(cfg: GeminiConfig) -> str:
+    """Hash of what determines a checkpoint's layout: refuse checkpoints of another config."""
+    import hashlib
+    import json
+
+    relevant = {
+        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+        "world": cfg.cluster.nodes * cfg.cluster.ranks_per_node,
+        "parallel": cfg.train.parallel,
+        "seed": cfg.train.seed,
+        "micro_batch": cfg.train.micro_batch,
+        "seq_len": cfg.train.seq_len,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,308 @@
+"""``run(cfg)``: one job, end to end — the controller of the process shape in DESIGN.md §2.
+
+The calling process is the controller: it hosts the KV store, starts the
+root agent and the node launchers, fires the failure schedule, shows
+progress, and when the root declares the job over, collects what the ranks
+reported, writes ``summary.json`` and records the job in MLflow. Whatever
+happens — success, an error, Ctrl-C — it tears down every process it started
+and frees the run's shared memory before returning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gemini.config import ConfigError, GeminiConfig, to_schema
+from gemini.tracking import tracking_uri, ui_command
+
+
+class JobFailed(RuntimeError):
+    """The job ended without completing (the reason is in the message)."""
+
+
+def _hydra_dirs() -> tuple[Path | None, str | None, str]:
+    """(job dir, sweep dir if multirun, job name) when running under Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except ValueError:
+        return None, None, "job"
+    multirun = hc.mode == RunMode.MULTIRUN
+    return (
+        Path(hc.runtime.output_dir),
+        str(hc.sweep.dir) if multirun else None,
+        (hc.job.override_dirname or "default") if multirun else "default",
+    )
+
+
+def check_writable(key: str, path: Path) -> None:
+    """Refuse an unwritable outputs path before anything starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(key, str(path), f"is not writable ({e.strerror}): choose a writable directory") from e
+
+
+def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str, Any]:
+    """Run one job and return its summary (also written to ``summary.json``)."""
+    typed = to_schema(cfg)
+    hydra_dir, sweep_dir, job_name = _hydra_dirs()
+    outputs = Path(typed.paths.outputs)
+    check_writable("paths.outputs", outputs)
+    job_dir = job_dir or hydra_dir or outputs / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    check_writable("paths.outputs", job_dir)
+    if typed.tracking.enabled and not typed.tracking.uri:
+        check_writable("paths.outputs", outputs)
+    return Controller(typed, job_dir, sweep_dir, job_name).run()
+
+
+class Controller:
+    def __init__(self, cfg: GeminiConfig, job_dir: Path, sweep_dir: str | None, job_name: str) -> None:
+        self.cfg, self.job_dir, self.sweep_dir, self.job_name = cfg, job_dir, sweep_dir, job_name
+        self.run_id = uuid.uuid4().hex[:10]
+
+    def run(self) -> dict[str, Any]:
+        from gemini.checkpoint.preflight import preflight
+        from gemini.cluster.job import JobSpec, new_secret_file
+        from gemini.cluster.local import LocalCluster
+        from gemini.cluster.store import Store
+        from gemini.failures import Injector
+
+        cfg = self.cfg
+        preflight(cfg, self.job_dir)
+        store = Store(cfg.cluster.host, 0, timeout_s=60.0, master=True)
+        job = JobSpec(
+            run_id=self.run_id,
+            job_dir=str(self.job_dir),
+            store=store.address,
+            secret_file=str(new_secret_file(self.job_dir)),
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
+        )
+        job.save()
+        (self.job_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        cluster = LocalCluster(job, store)
+        injector = Injector(job, store, cluster)
+        t0 = time.time()
+        outcome = "error"
+        try:
+            cluster.start()
+            outcome = self.watch(store, cluster, injector)
+        finally:
+            injector.stop()
+            wall_s = time.time() - t0
+            reports = collect(store, job.world_size)
+            cluster.teardown()
+        summary = summarize(cfg, reports, wall_s, outcome, self.run_id, injector.fired, cluster.replaced)
+        (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if reports["recoveries"]:
+            from gemini.timeline import draw_timeline
+
+            draw_timeline(reports["recoveries"], self.job_dir / "recovery_timeline.png", cfg)
+        if cfg.tracking.enabled:
+            from gemini.tracking import parent_run_id, record_job
+
+            summary["mlflow_run_id"] = record_job(
+                cfg, self.job_dir, run_name=self.job_name if self.sweep_dir else f"{cfg.model.name}-{cfg.backend.name}",
+                summary=summary, step_metrics=reports["steps"], recoveries=reports["recoveries"],
+                parent=parent_run_id(self.sweep_dir),
+            )
+            (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if cfg.progress:
+            print_results(cfg, summary, reports["recoveries"])
+        store.raw = None  # type: ignore[assignment]  # closes the server socket
+        if outcome != "completed":
+            raise JobFailed(f"job {outcome}: {summary.get('reason', '')} (logs in {self.job_dir / 'logs'})")
+        return summary
+
+    def watch(self, store: Any, cluster: Any, injector: Any) -> str:
+        """Serve the cluster until the root declares the job over; show progress."""
+        bar = None
+        if self.cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.train.steps, desc="training", unit="step", file=sys.stderr,
+                       dynamic_ncols=True, leave=False)
+        last = 0
+        root_gone_since: float | None = None
+        try:
+            while True:
+                cluster.service()
+                injector.tick()
+                if store.exists("root/result"):
+                    res = store.get_json("root/result")
+                    self.reason = res.get("reason", "")
+                    return str(res["status"])
+                step = progress(store, cluster.job.world_size)
+                if bar is not None and step != last:
+                    bar.update(step - last)
+                    last = step
+                if not cluster.root_alive() and not store.exists("root/elected"):
+                    # A root that dies without a result and without a successor
+                    # would leave the job hanging: give an election time, then stop.
+                    root_gone_since = root_gone_since or time.monotonic()
+                    if time.monotonic() - root_gone_since > 4 * self.cfg.cluster.heartbeat_s * self.cfg.cluster.missed_beats + 5:
+                        return "error"
+                time.sleep(0.1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def progress(store: Any, world: int) -> int:
+    steps = [int(store.raw.get(f"progress/{r}")) for r in range(world) if store.exists(f"progress/{r}")]
+    return min(steps) if len(steps) == world else 0
+
+
+def collect(store: Any, world: int) -> dict[str, Any]:
+    """Everything the ranks and the root reported through the store."""
+    per_rank = {r: store.read_lines(f"metrics/{r}") for r in range(world)}
+    gen = store.counter("ctl/gen")
+    finals = {r: store.get_json_or(f"final/{gen}/{r}") for r in range(world)}
+    readies = {r: store.get_json_or(f"ready/{gen}/{r}") for r in range(world)}
+    recoveries = [rec for _, rec in store.items("recovery")]
+    # A step replayed after a recovery is reported again: the last report of
+    # each step is the timeline that produced the final state.
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for r, recs in per_rank.items():
+        latest: dict[int, dict[str, Any]] = {}
+        for rec in recs:
+            if rec.get("final_wait"):
+                continue
+            latest[int(rec["step"])] = rec
+        for s, rec in latest.items():
+            by_step.setdefault(s, []).append({**rec, "rank": r})
+    steps = []
+    for s in sorted(by_step):
+        recs = by_step[s]
+        row: dict[str, Any] = {"step": s, "t": max(r["t"] for r in recs)}
+        for k in ("iter_time_s", "ckpt_stall_s", "loss", "ckpt_local_s", "ckpt_replicate_s", "ckpt_persist_s"):
+            vals = [r[k] for r in recs if k in r]
+            if vals:
+                row[k] = mean(vals)
+        if "ckpt_bytes" in recs[0]:
+            row["ckpt_bytes"] = sum(r.get("ckpt_bytes", 0) for r in recs)
+        row["throughput_samples_s"] = mean(r["throughput_samples_s"] for r in recs)
+        steps.append(row)
+    finals_tail = [rec for recs in per_rank.values() for rec in recs if rec.get("final_wait")]
+    return {
+        "steps": steps, "finals": finals, "readies": readies, "recoveries": recoveries,
+        "gen": gen, "final_waits": finals_tail,
+        "root": store.get_json_or("root/result", {}),
+    }
+
+
+def state_digest(finals: dict[int, Any]) -> str | None:
+    """sha256 over every rank's final state digest, in rank order."""
+    if not finals or any(v is None for v in finals.values()):
+        return None
+    h = hashlib.sha256()
+    for r in sorted(finals):
+        h.update(finals[r]["digest"].encode())
+    return h.hexdigest()
+
+
+def summarize(
+    cfg: GeminiConfig, reports: dict[str, Any], wall_s: float, outcome: str, run_id: str,
+    fired: list[dict[str, Any]], replaced: list[tuple[int, float]],
+) -> dict[str, Any]:
+    steps = reports["steps"]
+    # The first steps pay for lazy allocation and warm caches; a run mean of
+    # steady state is what overhead comparisons need.
+    steady = [s for s in steps if s["step"] > min(3, max(0, len(steps) - 1))] or steps
+    def m(key: str, rows: list[dict[str, Any]] = steady) -> float | None:
+        vals = [r[key] for r in rows if key in r]
+        return mean(vals) if vals else None
+    ckpt_rows = [s for s in steps if "ckpt_local_s" in s]
+    summary: dict[str, Any] = {
+        "outcome": outcome,
+        "reason": reports["root"].get("reason", ""),
+        "run_id": run_id,
+        "steps": steps[-1]["step"] if steps else 0,
+        "wall_s": wall_s,
+        "iter_time_s": m("iter_time_s"),
+        "throughput_samples_s": m("throughput_samples_s"),
+        "final_loss": steps[-1].get("loss") if steps else None,
+        "state_digest": state_digest(reports["finals"]),
+        "world_size": cfg.cluster.nodes * cfg.cluster.ranks_per_node,
+        "nodes": cfg.cluster.nodes,
+        "backend": cfg.backend.name,
+        "model": cfg.model.name,
+        "ckpt_stall_s": m("ckpt_stall_s"),
+        "ckpt_local_s": m("ckpt_local_s", ckpt_rows),
+        "ckpt_replicate_s": m("ckpt_replicate_s", ckpt_rows),
+        "ckpt_persist_s": m("ckpt_persist_s", ckpt_rows),
+        "ckpt_bytes": m("ckpt_bytes", ckpt_rows),
+        "checkpoints": len(ckpt_rows),
+        "checkpoints_per_hour": len(ckpt_rows) / wall_s * 3600 if wall_s > 0 else 0.0,
+        "failures_injected": fired,
+        "recoveries": reports["recoveries"],
+        "generations": reports["gen"],
+    }
+    if cfg.backend.bandwidth_gbps > 0:
+        summary["storage_bandwidth"] = f"emulated {cfg.backend.bandwidth_gbps} Gbit/s per node"
+    if reports["recoveries"]:
+        recs = reports["recoveries"]
+        for k in ("detect_s", "teardown_s", "restart_s", "rendezvous_s", "retrieve_s", "load_s",
+                  "replay_s", "recovery_s", "wasted_s", "lost_steps"):
+            vals = [r[k] for r in recs if isinstance(r.get(k), (int, float))]
+            if vals:
+                summary[f"mean_{k}"] = mean(vals)
+    return summary
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}{unit}"
+    return f"{v}{unit}"
+
+
+def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[str, Any]]) -> None:
+    rows = [
+        ("outcome", s["outcome"]),
+        ("model / parallel", f"{cfg.model.name} / {cfg.train.parallel}"),
+        ("cluster", f"{cfg.cluster.nodes} nodes x {cfg.cluster.ranks_per_node} ranks (local)"),
+        ("backend", cfg.backend.name + (f" (m={cfg.backend.replication.factor}, "
+                                        f"{cfg.backend.replication.placement})" if cfg.backend.name == "replicated" else "")),
+        ("steps", s["steps"]),
+        ("wall time", _fmt(s["wall_s"], " s")),
+        ("iteration time (mean)", _fmt(s["iter_time_s"], " s")),
+        ("throughput", _fmt(s["throughput_samples_s"], " samples/s")),
+        ("final loss", _fmt(s["final_loss"])),
+        ("checkpoints", s["checkpoints"]),
+        ("checkpoint stall (mean/step)", _fmt(s["ckpt_stall_s"], " s")),
+        ("state digest", (s["state_digest"] or "-")[:16]),
+    ]
+    if s.get("storage_bandwidth"):
+        rows.append(("storage", s["storage_bandwidth"]))
+    width = max(len(k) for k, _ in rows)
+    print("\nResults", file=sys.stdout)
+    print("-" * (width + 40))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for i, r in enumerate(recoveries, 1):
+        print(f"\nRecovery {i}: {r.get('kind')} failure of {r.get('failed', '')} at step {r.get('failed_step')}, "
+              f"restored step {r.get('restored_step')} ({r.get('reason', '')})")
+        phases = ["detect_s", "teardown_s", "restart_s", "rendezvous_s", "retrieve_s", "load_s", "replay_s"]
+        print("  " + "  ".join(f"{p[:-2]} {_fmt(r.get(p), 's')}" for p in phases))
+        print(f"  recovery {_fmt(r.get('recovery_s'), 's')}  wasted {_fmt(r.get('wasted_s'), 's')}  "
+              f"lost steps {r.get('lost_steps')}  sources {r.get('source_counts')}")
+    print("-" * (width + 40))
+    if cfg.tracking.enabled:
+        print(f"MLflow run {s.get('mlflow_run_id', '')}; browse with:\n  {ui_command(tracking_uri(cfg))}")

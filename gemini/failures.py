@@ -1,0 +1,132 @@
+"""The failure injector: fires a schedule's events at the processes of a running job.
+
+A *software* failure is a SIGKILL of one trainer rank: its node and the
+node's checkpoint memory survive. A *hardware* failure kills the node's whole
+process tree and frees its shared memory: the machine is gone. *root_loss*
+kills the root agent. *corruption* flips bytes in a replica held for a node
+and then fails that node, so recovery has to notice and pick the next
+source. *kill_during_snapshot* is armed in the trainer itself (only it knows
+when it is half-way through a copy) and it records its own injection.
+
+Every injection is written to the store with its wall time, from which the
+root measures detection latency. The schedule itself is pure
+(``gemini.schedules``): one seed, one schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from gemini.schedules import FailureEvent, build_schedule
+
+if TYPE_CHECKING:
+    from gemini.cluster.job import JobSpec
+    from gemini.cluster.local import LocalCluster
+    from gemini.cluster.store import Store
+
+
+def schedule_for(job: JobSpec) -> list[FailureEvent]:
+    cfg = job.cfg
+    f = cfg.failure
+    if f.name == "none":
+        return []
+    group_of = None
+    if f.name == "two_in_group":
+        from gemini.checkpoint.placement import groups, resolve_placement
+
+        n, m = cfg.cluster.nodes, cfg.backend.replication.factor
+        placement = resolve_placement(n, m, cfg.backend.replication.placement)
+        gs = groups(n, m, placement) or [list(range(n))]
+
+        def group_of(node: int) -> list[int]:
+            return next(g for g in gs if node in g)
+
+    return build_schedule(
+        f.name, nodes=cfg.cluster.nodes, steps=cfg.train.steps,
+        seed=cfg.train.seed if f.seed is None else f.seed,
+        at_step=f.at_step, node=f.node, mtbf_s=f.mtbf_s, weibull_shape=f.weibull_shape,
+        k=f.k, kind=f.kind, max_events=f.max_events,
+        horizon_s=f.mtbf_s * (f.max_events + 1) if f.name in ("poisson", "weibull") else None,
+        group_of=group_of, rank_in_node=f.rank_in_node,
+    )
+
+
+class Injector:
+    def __init__(self, job: JobSpec, store: Store, cluster: LocalCluster) -> None:
+        self.job, self.store, self.cluster = job, store, cluster
+        self.events = schedule_for(job)
+        self.pending = list(enumerate(self.events))
+        self.fired: list[dict[str, Any]] = []
+        self.t_start: float | None = None
+        rpn = job.cfg.cluster.ranks_per_node
+        for i, ev in self.pending:
+            if ev.kind == "kill_during_snapshot":
+                rank = ev.nodes[0] * rpn + ev.rank_in_node
+                store.set_json(f"inject/arm/{rank}", {"id": i, "step": ev.at_step, **ev.to_dict()})
+        self.pending = [(i, ev) for i, ev in self.pending if ev.kind != "kill_during_snapshot"]
+
+    def progress(self) -> int:
+        world = self.job.world_size
+        vals = [int(self.store.raw.get(f"progress/{r}")) for r in range(world) if self.store.exists(f"progress/{r}")]
+        return max(vals, default=0)
+
+    def tick(self) -> None:
+        if not self.pending:
+            return
+        step = self.progress()
+        if step > 0 and self.t_start is None:
+            self.t_start = time.time()
+        for i, ev in list(self.pending):
+            due = (ev.at_step is not None and step >= ev.at_step) or (
+                ev.at_time_s is not None and self.t_start is not None
+                and time.time() - self.t_start >= ev.at_time_s
+            )
+            if due:
+                self.pending.remove((i, ev))
+                self.fire(i, ev, step)
+
+    def fire(self, idx: int, ev: FailureEvent, step: int) -> None:
+        record = {"id": idx, **ev.to_dict(), "t": time.time(), "step": step, "what": ev.describe()}
+        rpn = self.job.cfg.cluster.ranks_per_node
+        if ev.kind == "software":
+            gen = self.store.counter("ctl/gen")
+            rank = ev.nodes[0] * rpn + ev.rank_in_node
+            info = self.store.get_json_or(f"trainer/{gen}/{rank}")
+            if info is None:
+                return
+            record["t"] = time.time()
+            self.store.push("inject", record)
+            _kill(int(info["pid"]))
+        elif ev.kind == "hardware":
+            record["t"] = time.time()
+            self.store.push("inject", record)
+            for n in ev.nodes:
+                self.cluster.kill_node(n)
+        elif ev.kind == "root_loss":
+            info = self.store.get_json_or("root/pid")
+            record["t"] = time.time()
+            self.store.push("inject", record)
+            if info is not None:
+                _kill(int(info["pid"]))
+        elif ev.kind == "corruption":
+            from gemini.checkpoint.agent_side import corrupt_replica
+
+            record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
+            record["t"] = time.time()
+            self.store.push("inject", record)
+            for n in ev.nodes:
+                self.cluster.kill_node(n)
+        self.fired.append(record)
+
+    def stop(self) -> None:
+        self.pending = []
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

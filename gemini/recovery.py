@@ -1,0 +1,89 @@
+"""Recovery planning: which step every rank resumes from, and from where.
+
+Pure functions, so that the root agent's decisions can be tested without a
+cluster. The rule (Gemini §3): all ranks must resume from the same step; pick
+the newest step for which *every* rank's checkpoint is available with a
+verified checksum somewhere, preferring for each rank its own node's memory
+(a software failure: the host survived), then a holder's memory (a hardware
+failure), then persistent storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Plan:
+    """The outcome of planning one recovery."""
+
+    step: int
+    """Common step every rank restores (0 = restart from scratch)."""
+    sources: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Per rank: ``{"kind": "local"|"peer"|"storage", "node": holder node}``."""
+    reason: str = ""
+    """Why this step: printed and recorded."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start_step": self.step,
+            "sources": {str(r): s for r, s in self.sources.items()},
+            "reason": self.reason,
+        }
+
+    def source_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sources.values():
+            out[s["kind"]] = out.get(s["kind"], 0) + 1
+        return out
+
+
+def plan_recovery(
+    rank_node: Mapping[int, int],
+    memory: Mapping[int, Mapping[int, Iterable[int]]],
+    storage: Iterable[int],
+    excluded: Iterable[tuple[int, int, str, int]] = (),
+) -> Plan:
+    """Choose the common step and a source per rank.
+
+    ``rank_node``: node of every rank. ``memory``: for every *live* node with
+    its memory intact, the verified complete steps it holds per source rank
+    (its own ranks' local slots and the replicas it holds for others).
+    ``storage``: steps complete on persistent storage for every rank.
+    ``excluded``: (rank, step, kind, node) sources that already failed a
+    retrieval, to skip on a re-plan.
+    """
+    bad = set(excluded)
+    stored = set(storage)
+    candidates: dict[int, dict[int, list[dict[str, Any]]]] = {r: {} for r in rank_node}
+    for holder, per_source in memory.items():
+        for rank, steps in per_source.items():
+            if rank not in candidates:
+                continue
+            kind = "local" if rank_node[rank] == holder else "peer"
+            for s in steps:
+                if (rank, s, kind, holder) not in bad:
+                    candidates[rank].setdefault(s, []).append({"kind": kind, "node": holder})
+    for rank in candidates:
+        for s in stored:
+            if (rank, s, "storage", -1) not in bad:
+                candidates[rank].setdefault(s, []).append({"kind": "storage", "node": -1})
+    if not candidates:
+        return Plan(0, {}, "no ranks")
+    common = set.intersection(*(set(c) for c in candidates.values()))
+    if not common:
+        return Plan(
+            0,
+            {r: {"kind": "scratch", "node": -1} for r in rank_node},
+            "no step has every rank's checkpoint: restarting from step 0",
+        )
+    step = max(common)
+    order = {"local": 0, "peer": 1, "storage": 2}
+    sources: dict[int, dict[str, Any]] = {}
+    for rank, per_step in candidates.items():
+        options = sorted(per_step[step], key=lambda o: (order[o["kind"]], o["node"]))
+        sources[rank] = options[0]
+    kinds = sorted({s["kind"] for s in sources.values()})
+    return Plan(step, sources, f"newest step with every rank available: {step} (from {', '.join(kinds)})")

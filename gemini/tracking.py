@@ -1,0 +1,186 @@
+"""MLflow: one run per job, a parent run per multirun, params, tags, metrics, artifacts.
+
+The store defaults to an sqlite file under outputs/ with an absolute path, so
+every job of a sweep and ``mlflow ui`` see the same store whatever the working
+directory. A multirun's parent run is created by a Hydra callback when the
+sweep starts; its id is left in the sweep dir, where each job (in this
+process, or on another machine sharing the filesystem) finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from gemini.config import REPO_ROOT, GeminiConfig, flatten
+
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def tracking_uri(cfg: GeminiConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    return f"sqlite:///{Path(cfg.paths.outputs).resolve() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _mlflow() -> Any:
+    # mlflow's import costs ~1.5 s: pay it only when recording.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    return mlflow
+
+
+def _experiment_id(mlflow: Any, name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(mlflow.create_experiment(name))
+    except Exception:  # another job of the sweep created it first
+        return str(mlflow.get_experiment_by_name(name).experiment_id)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def host_tags(cfg: GeminiConfig) -> dict[str, str]:
+    import psutil
+    import torch
+
+    return {
+        "git_sha": git_sha(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch_version": torch.__version__,
+        "cpu_cores": str(os.cpu_count()),
+        "ram_gib": f"{psutil.virtual_memory().total / 2**30:.1f}",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "backend": cfg.backend.name,
+        "failure_schedule": cfg.failure.name,
+        "model": cfg.model.name,
+        "parallel": cfg.train.parallel,
+    }
+
+
+class MultirunParentCallback(Callback):
+    """Hydra callback: a parent MLflow run that every job of the multirun nests under."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.uri: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from gemini.config import to_schema
+
+        plain = OmegaConf.to_container(config, resolve=False)
+        assert isinstance(plain, dict)
+        hydra_cfg = config.hydra
+        try:
+            cfg = to_schema(config)
+        except Exception:
+            return  # the jobs will report the config error themselves
+        if not cfg.tracking.enabled:
+            return
+        mlflow = _mlflow()
+        self.uri = tracking_uri(cfg)
+        client = mlflow.MlflowClient(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        exp_id = _experiment_id(mlflow, cfg.tracking.experiment)
+        sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        overrides = list(hydra_cfg.overrides.task)
+        run = client.create_run(
+            exp_id,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={"kind": "multirun", "sweep_dir": str(sweep_dir), "overrides": " ".join(overrides),
+                  **host_tags(cfg)},
+        )
+        self.run_id = run.info.run_id
+        (sweep_dir / PARENT_FILE).write_text(f"{self.run_id}\n{self.uri}\n")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id and self.uri:
+            _mlflow().MlflowClient(self.uri).set_terminated(self.run_id)
+
+
+def parent_run_id(sweep_dir: str | None) -> str | None:
+    if not sweep_dir:
+        return None
+    f = Path(sweep_dir) / PARENT_FILE
+    return f.read_text().split()[0] if f.exists() else None
+
+
+def record_job(
+    cfg: GeminiConfig,
+    job_dir: Path,
+    *,
+    run_name: str,
+    summary: dict[str, Any],
+    step_metrics: list[dict[str, Any]],
+    recoveries: list[dict[str, Any]],
+    parent: str | None,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Log one job as one MLflow run; returns its run id."""
+    mlflow = _mlflow()
+    from mlflow.entities import Metric, Param, RunTag
+
+    uri = tracking_uri(cfg)
+    client = mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(mlflow, cfg.tracking.experiment)
+    tags = {**host_tags(cfg), **(extra_tags or {}), "job_dir": str(job_dir)}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    rid = run.info.run_id
+    params = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
+    plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(plist), 100):
+        client.log_batch(rid, params=plist[i : i + 100])
+    metrics: list[Any] = []
+    for rec in step_metrics:
+        ts = int(rec.get("t", 0) * 1000)
+        for k, v in rec.items():
+            if k in ("step", "t") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            metrics.append(Metric(k, float(v), ts, int(rec["step"])))
+    for i, rec in enumerate(recoveries):
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics.append(Metric(f"recovery/{k}", float(v), 0, i))
+    for k, v in summary.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            metrics.append(Metric(f"run/{k}", float(v), 0, 0))
+    for i in range(0, len(metrics), 900):
+        client.log_batch(rid, metrics=metrics[i : i + 900])
+    client.log_batch(rid, tags=[RunTag("outcome", str(summary.get("outcome", "")))])
+    for name in (".hydra", "summary.json", "logs"):
+        path = job_dir / name
+        if path.is_dir():
+            client.log_artifacts(rid, str(path), artifact_path=name)
+        elif path.exists():
+            client.log_artifact(rid, str(path))
+    for fig in sorted(job_dir.glob("*.png")):
+        client.log_artifact(rid, str(fig))
+    client.set_terminated(rid, status="FINISHED" if summary.get("outcome") == "completed" else "FAILED")
+    return str(rid)

@@ -1,0 +1,1 @@
+"""Models, synthetic data and the training loop."""

@@ -1,0 +1,164 @@
+"""The training state of one rank: model, optimizer, schedule, step, RNG, data position.
+
+``ddp`` keeps a full replica of model and optimizer on every rank. ``zero``
+shards the optimizer state with ``ZeroRedundancyOptimizer`` and, as in the
+setting Gemini targets, each rank's checkpoint holds only the unique slice it
+owns: its partition of the parameters and their optimizer state. Restoring a
+``zero`` checkpoint therefore loads each rank's slice and broadcasts every
+parameter from its owner.
+
+The checkpoint is a flat set of named tensors plus a JSON-able ``extra``
+dict — never a pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gemini.config import GeminiConfig
+from gemini.workload.data import SyntheticData
+from gemini.workload.models import build_model
+
+
+def lr_lambda(warmup: int, total: int) -> Any:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class TrainState:
+    """Everything one rank needs to resume exactly, and how to (de)serialise it."""
+
+    def __init__(self, cfg: GeminiConfig, rank: int, world_size: int, device: torch.device) -> None:
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        t = cfg.train
+        self.module: nn.Module = build_model(cfg.model, t.seed).to(device)
+        self.params = list(self.module.parameters())
+        self.param_names = [n for n, _ in self.module.named_parameters()]
+        distributed = dist.is_available() and dist.is_initialized()
+        self.model: nn.Module = DDP(self.module) if distributed else self.module
+        opt_kw = dict(lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+        self.zero = t.parallel == "zero" and distributed
+        if self.zero:
+            self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
+                self.params, optimizer_class=torch.optim.AdamW, **opt_kw
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, **opt_kw)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.warmup_steps, t.steps)
+        )
+        self.data = SyntheticData(cfg.model, t.seed, t.micro_batch, t.seq_len, rank, world_size)
+        self.step = 0
+
+    # -- training ---------------------------------------------------------
+    def forward_backward(self) -> float:
+        """Loss of the next step's batch; gradients are left for ``optimizer_step``."""
+        x, y = self.data.batch(self.step + 1)
+        loss = self.model(x.to(self.device), y.to(self.device))
+        loss.backward()
+        return float(loss.detach())
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    # -- what a checkpoint holds --------------------------------------------
+    def _local_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optim if self.zero else self.optimizer  # type: ignore[attr-defined,no-any-return]
+
+    def _owned(self) -> list[int]:
+        """Indices (into self.params) of the parameters this rank checkpoints."""
+        if not self.zero:
+            return list(range(len(self.params)))
+        mine = {id(p) for g in self.optimizer.partition_parameters()[self.rank] for p in g["params"]}  # type: ignore[attr-defined]
+        return [i for i, p in enumerate(self.params) if id(p) in mine]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors to copy into a checkpoint (no copy made here)."""
+        out: dict[str, torch.Tensor] = {}
+        owned = self._owned()
+        for i in owned:
+            out[f"model/{self.param_names[i]}"] = self.params[i].detach()
+        opt = self._local_optimizer()
+        for p in (q for g in opt.param_groups for q in g["params"]):
+            idx = next(i for i, q in enumerate(self.params) if q is p)
+            for key, val in sorted(opt.state[p].items()):
+                if isinstance(val, torch.Tensor):
+                    out[f"optim/{self.param_names[idx]}/{key}"] = val.detach()
+        for i, b in enumerate(self.module.buffers()):
+            out[f"buffer/{i}"] = b.detach()
+        return out
+
+    def extra(self) -> dict[str, Any]:
+        """Non-tensor state, JSON-able: step, data position, schedule, RNG."""
+        return {
+            "step": self.step,
+            "data_position": self.step,
+            "scheduler": {"last_epoch": self.scheduler.last_epoch},
+            "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+            "parallel": self.cfg.train.parallel,
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        """Restore from a checkpoint's tensors and extra (the inverse of the two above)."""
+        owned = self._owned()
+        with torch.no_grad():
+            for i in owned:
+                self.params[i].copy_(tensors[f"model/{self.param_names[i]}"])
+            opt = self._local_optimizer()
+            for p in (q for g in opt.param_groups for q in g["params"]):
+                idx = next(i for i, q in enumerate(self.params) if q is p)
+                prefix = f"optim/{self.param_names[idx]}/"
+                st = {k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+                if st:
+                    opt.state[p] = st
+            for i, b in enumerate(self.module.buffers()):
+                b.copy_(tensors[f"buffer/{i}"])
+        if self.zero:
+            # Each parameter lives in exactly one rank's checkpoint: its owner
+            # broadcasts it so every replica holds the full model again.
+            for owner, groups in enumerate(self.optimizer.partition_parameters()):  # type: ignore[attr-defined]
+                for g in groups:
+                    for p in g["params"]:
+                        dist.broadcast(p.data, src=owner)
+        self.step = int(extra["step"])
+        self.scheduler.last_epoch = int(extra["scheduler"]["last_epoch"])
+        # LambdaLR applies the factor in step(); recompute the current lr now.
+        for g, base, f in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            g["lr"] = base * f(self.scheduler.last_epoch)
+        if self.zero:
+            for g, lg in zip(self.optimizer.param_groups, self._local_optimizer().param_groups, strict=True):
+                lg["lr"] = g["lr"]
+        rng = base64.b64decode(extra["rng_cpu"])
+        torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
+
+    def digest(self) -> str:
+        """sha256 over this rank's full model and its optimizer state, in a fixed order."""
+        h = hashlib.sha256()
+        for name, p in zip(self.param_names, self.params, strict=True):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for name, t in sorted(self.tensors().items()):
+            if name.startswith("optim/"):
+                h.update(name.encode())
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(str(self.step).encode())
+        return h.hexdigest()

@@ -1,0 +1,202 @@
+"""A trainer rank: rendezvous, restore if the plan says so, train, checkpoint, report.
+
+Started by its node's worker agent as ``python -m gemini.workload.trainer``.
+Each launch belongs to a *generation*; ranks of one generation rendezvous
+under their own store prefix, so a relaunch after a failure never meets the
+stale keys of the one before. Metrics leave through a reporter thread with
+its own store connection, so the training loop never waits on the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gemini.checkpoint.backend import BackendContext, CheckpointBackend, SnapshotTiming, make_backend
+from gemini.cluster.job import JobSpec
+from gemini.cluster.store import Store
+from gemini.config import GeminiConfig, config_hash
+
+
+class Reporter:
+    """Ships per-step records to the store off the hot path (a thread, batched)."""
+
+    def __init__(self, job: JobSpec, rank: int, gen: int, period_s: float = 0.2) -> None:
+        self.rank, self.gen, self.period_s = rank, gen, period_s
+        self.q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.store = Store.from_address(job.store)
+        self.thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+        self.thread.start()
+
+    def put(self, record: dict[str, Any]) -> None:
+        self.q.put(record)
+
+    def _flush(self, batch: list[dict[str, Any]]) -> None:
+        if not batch:
+            return
+        self.store.raw.append(f"metrics/{self.rank}", "".join(_json_line(r) for r in batch))
+        self.store.set(f"progress/{self.rank}", str(batch[-1]["step"]))
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch: list[dict[str, Any]] = []
+            deadline = time.monotonic() + self.period_s
+            while time.monotonic() < deadline:
+                try:
+                    item = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+            self._flush(batch)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=10)
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+def pick_device(cfg: GeminiConfig, local_rank: int) -> torch.device:
+    want = cfg.cluster.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
+    """Run one rank of one generation to the end of training (or its death)."""
+    from gemini.checkpoint.cadence import make_cadence
+    from gemini.workload.state import TrainState
+
+    cfg = job.cfg
+    torch.set_num_threads(cfg.cluster.threads_per_rank)
+    store = Store.from_address(job.store)
+    store.set_json(f"trainer/{gen}/{rank}", {"pid": os.getpid(), "node": node})
+    plan = store.get_json(f"ctl/plan/{gen}")
+    world = job.world_size
+    device = pick_device(cfg, local_rank)
+    t_rdzv = time.perf_counter()
+    pg_store = dist.PrefixStore(f"gen{gen}/pg", store.raw)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=pg_store,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=cfg.cluster.collective_timeout_s),
+    )
+    rendezvous_s = time.perf_counter() - t_rdzv
+    state = TrainState(cfg, rank, world, device)
+    ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg))
+    backend: CheckpointBackend = make_backend(ctx)
+    b = cfg.backend
+    cadence = make_cadence(b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s)
+
+    start_step = int(plan.get("start_step", 0))
+    ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step, "t": time.time()}
+    if start_step > 0:
+        source = plan["sources"][str(rank)]
+        got = backend.retrieve(start_step, source)
+        t_load = time.perf_counter()
+        state.load(got.tensors, got.extra)
+        ready.update(
+            retrieve_s=got.retrieve_s, load_s=time.perf_counter() - t_load,
+            source=got.source, bytes=got.bytes,
+        )
+    store.set_json(f"ready/{gen}/{rank}", ready)
+    reporter = Reporter(job, rank, gen)
+    replay_until = int(plan.get("replay_until", 0))
+    samples = cfg.train.micro_batch * world
+    means: dict[str, float] = {}
+    try:
+        for step in range(state.step + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            loss = state.forward_backward()
+            stall = 0.0
+            timing: SnapshotTiming | None = None
+            if backend.busy:
+                # The in-flight copy reads the parameters: it must finish
+                # before the optimizer changes them.
+                timing = backend.wait()
+            state.optimizer_step()
+            if backend.enabled and cadence.should_checkpoint(step):
+                t_s = time.perf_counter()
+                backend.snapshot(step, state)
+                stall += time.perf_counter() - t_s
+            iter_s = time.perf_counter() - t0
+            if timing is not None:
+                stall += timing.stall_s
+            compute_s = iter_s - stall
+            cadence.observe(step, compute_s, _ckpt_cost(timing))
+            rec: dict[str, Any] = {
+                "step": step, "gen": gen, "t": time.time(), "loss": loss,
+                "iter_time_s": iter_s,
+                "throughput_samples_s": samples / iter_s if iter_s > 0 else 0.0,
+                "ckpt_stall_s": stall,
+                "replay": step <= replay_until,
+            }
+            if timing is not None:
+                rec.update(
+                    ckpt_step=timing.step, ckpt_local_s=timing.local_s,
+                    ckpt_replicate_s=timing.replicate_s, ckpt_persist_s=timing.persist_s,
+                    ckpt_bytes=timing.bytes,
+                )
+            reporter.put(rec)
+            for k in ("iter_time_s", "ckpt_stall_s"):
+                means[k] = means.get(k, 0.0) + rec[k]
+        last = backend.wait()
+        if last is not None:
+            reporter.put({"step": state.step, "gen": gen, "t": time.time(), "ckpt_step": last.step,
+                          "ckpt_local_s": last.local_s, "ckpt_replicate_s": last.replicate_s,
+                          "ckpt_persist_s": last.persist_s, "ckpt_bytes": last.bytes,
+                          "ckpt_stall_s": last.stall_s, "final_wait": True})
+        digest = state.digest()
+        store.set_json(f"final/{gen}/{rank}", {"digest": digest, "step": state.step})
+        # Everyone has reported before anyone tears the group down.
+        dist.barrier()
+    finally:
+        reporter.close()
+        backend.close()
+    dist.destroy_process_group()
+    return 0
+
+
+def _ckpt_cost(timing: SnapshotTiming | None) -> float | None:
+    if timing is None:
+        return None
+    return timing.local_s + timing.replicate_s + timing.persist_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--job", required=True)
+    p.add_argument("--node", type=int, required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--local-rank", type=int, required=True)
+    p.add_argument("--gen", type=int, required=True)
+    a = p.parse_args(argv)
+    # The agent stops a generation with SIGTERM: exit at once, quietly.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    return train(JobSpec.load(a.job), a.node, a.rank, a.local_rank, a.gen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
