@@ -63,6 +63,82 @@ def check_overrides(args: list[str]) -> None:
                 fail(f"{key}={v}: unknown option; choose one of {', '.join(known)}")
 
 
+def _one_line(e: BaseException) -> str:
+    """The key, the value and the reason of a composition error, on one line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
+            msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
+            key = seen.full_key
+            if "not in struct" in msg or "Key '" in msg and "not" in msg:
+                return f"{key}: no such setting; check the spelling (`gemini --cfg job` lists them)"
+            return f"{key}: {msg}; fix the value"
+        seen = seen.__cause__ or seen.__context__
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _variants(args: list[str]) -> list[list[str]]:
+    """The override lists to compose so that every swept value is checked once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base: list[str] = []
+    sweeps: list[tuple[str, list[str]]] = []
+    for text, o in zip(overrides, parsed, strict=True):
+        if o.is_sweep_override():
+            prefix = text.split("=", 1)[0]
+            values = [str(v) for v in o.sweep_string_iterator()]
+            sweeps.append((prefix, values))
+            base.append(f"{prefix}={values[0]}")
+        else:
+            base.append(text)
+    out = [base]
+    for i, (prefix, values) in enumerate(sweeps):
+        for v in values[1:]:
+            variant = list(base)
+            variant[[j for j, t in enumerate(base) if t.startswith(prefix + "=")][0]] = f"{prefix}={v}"
+            out.append(variant)
+    return out
+
+
+def check_composition(args: list[str]) -> None:
+    """Compose every variant before Hydra creates any directory; refuse errors in one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gemini.config import to_schema
+
+    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg")
+           or a.startswith("-c") for a in args):
+        return
+    for overrides in _variants(args):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+            typed = to_schema(cfg)
+        except ConfigError as e:
+            fail(str(e))
+        except Exception as e:  # composition errors: unknown keys, wrong types
+            fail(_one_line(e))
+        finally:
+            GlobalHydra.instance().clear()
+        check_writable_or_fail(typed.paths.outputs)
+
+
+def check_writable_or_fail(path: str) -> None:
+    from gemini.experiment import check_writable
+
+    try:
+        check_writable("paths.outputs", Path(path))
+    except ConfigError as e:
+        fail(str(e))
+
+
 def _task(cfg: DictConfig) -> None:
     from gemini.experiment import JobFailed, run
 
@@ -81,6 +157,7 @@ def _task(cfg: DictConfig) -> None:
 def main() -> None:
     register_configs()
     check_overrides(sys.argv[1:])
+    check_composition(sys.argv[1:])
     app = hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(_task)
     try:
         app()

@@ -227,9 +227,11 @@ def to_schema(cfg: DictConfig | GeminiConfig) -> GeminiConfig:
     if isinstance(cfg, GeminiConfig):
         obj = cfg
     else:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        # Leave out Hydra's own node before resolving: in a multirun callback or
+        # a composed test config it holds values Hydra fills in later (job.num).
+        keys = [k for k in cfg if k != "hydra"]
+        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
         assert isinstance(plain, dict)
-        plain.pop("hydra", None)
         typed = OmegaConf.merge(OmegaConf.structured(GeminiConfig), plain)
         obj = OmegaConf.to_object(typed)  # type: ignore[assignment]
         assert isinstance(obj, GeminiConfig)

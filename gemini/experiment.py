@@ -136,9 +136,12 @@ class Controller:
             from tqdm import tqdm
 
             bar = tqdm(total=self.cfg.train.steps, desc="training", unit="step", file=sys.stderr,
-                       dynamic_ncols=True, leave=False)
+                       dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty())
         last = 0
-        root_gone_since: float | None = None
+        c = self.cfg.cluster
+        root_hb, root_seen = -1, time.monotonic()
+        # Start-up (imports) and one election must fit in the grace.
+        root_grace = 3 * c.heartbeat_s * c.missed_beats + 60.0
         try:
             while True:
                 cluster.service()
@@ -151,12 +154,15 @@ class Controller:
                 if bar is not None and step != last:
                     bar.update(step - last)
                     last = step
-                if not cluster.root_alive() and not store.exists("root/elected"):
-                    # A root that dies without a result and without a successor
-                    # would leave the job hanging: give an election time, then stop.
-                    root_gone_since = root_gone_since or time.monotonic()
-                    if time.monotonic() - root_gone_since > 4 * self.cfg.cluster.heartbeat_s * self.cfg.cluster.missed_beats + 5:
-                        return "error"
+                hb = store.counter("hb/root")
+                now = time.monotonic()
+                if hb != root_hb:
+                    root_hb, root_seen = hb, now
+                elif now - root_seen > root_grace:
+                    # No root and no successor (an election takes a few
+                    # missed beats plus a start-up): stop rather than hang.
+                    self.reason = "the root agent is gone and none was elected"
+                    return "error"
                 time.sleep(0.1)
         finally:
             if bar is not None:

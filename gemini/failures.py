@@ -114,11 +114,13 @@ class Injector:
         elif ev.kind == "corruption":
             from gemini.checkpoint.agent_side import corrupt_replica
 
-            record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
+            # Kill first: a live source would overwrite the damaged replica
+            # with its next step before recovery ever looked at it.
             record["t"] = time.time()
-            self.store.push("inject", record)
             for n in ev.nodes:
                 self.cluster.kill_node(n)
+            record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
+            self.store.push("inject", record)
         self.fired.append(record)
 
     def stop(self) -> None:

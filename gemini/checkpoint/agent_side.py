@@ -1,28 +1,48 @@
 """What a worker agent hosts for the checkpoint backend of the run.
 
-``none`` and ``disk`` need nothing on the agent. The memory backends (added
-with them) own shared-memory slots and, for ``replicated``, a transport
-server that receives peers' checkpoints.
+``none`` and ``disk`` need nothing on the agent. ``memory`` and
+``replicated`` need the node's shared-memory slots — two per source rank: the
+node's own ranks, and for ``replicated`` the ranks of the nodes it holds
+(placement's ``held_by``) — and ``replicated`` a transport server through
+which peers put their checkpoints and a replaced node's ranks fetch theirs
+back. The agent allocates and touches the slots once, when a rank announces
+its checkpoint size, and answers the root's inventory requests with the
+steps it holds *after verifying their checksums*, so a corrupted replica is
+never planned as a source.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
+
+from gemini.checkpoint.slot import SlotError, SlotSet, shm_name
 
 if TYPE_CHECKING:
     from gemini.cluster.job import JobSpec
     from gemini.cluster.store import Store
+    from gemini.cluster.transport import PutTarget, TransportServer
 
 
 class AgentServices:
     """Nothing to host: the default for backends without node-side state."""
+
+    def __init__(self, job: JobSpec | None = None, node: int = 0, store: Store | None = None) -> None:
+        self.job, self.node, self.store = job, node, store
+        self.answered = store.counter("inv/req") if store is not None else 0
 
     def start(self) -> dict[str, Any]:
         """Start serving; returns what peers need to know (e.g. an address)."""
         return {}
 
     def tick(self) -> None:
-        """Called from the agent's control loop (answers inventory requests)."""
+        """Called from the agent's control loop: answers inventory requests."""
+        if self.store is None:
+            return
+        n = self.store.counter("inv/req")
+        if n > self.answered:
+            self.answered = n
+            self.store.set_json(f"inv/{n}/{self.node}", self.inventory())
 
     def inventory(self) -> dict[str, list[int]]:
         """Verified complete steps held here, per source rank."""
@@ -32,5 +52,130 @@ class AgentServices:
         """Stop serving and release memory."""
 
 
+class _SlotTarget:
+    """Where one incoming replica lands: a slot of the source's SlotSet."""
+
+    def __init__(self, slots: SlotSet, idx: int, data_len: int) -> None:
+        self.slots, self.idx, self.data_len = slots, idx, data_len
+
+    def buffer(self) -> memoryview:
+        return self.slots.data_view(self.idx)
+
+    def commit(self, manifest_json: bytes) -> None:
+        # Chunks were verified on the wire; the content checksums are verified
+        # when the root asks for an inventory, before this copy is relied on.
+        self.slots.commit_raw(self.idx, manifest_json, verify=False)
+
+    def abort(self, reason: str) -> None:
+        self.slots.invalidate(self.idx)
+
+
+class MemoryServices(AgentServices):
+    def __init__(self, job: JobSpec, node: int, store: Store) -> None:
+        super().__init__(job, node, store)
+        from gemini.checkpoint.memory import held_sources
+
+        cfg = job.cfg
+        rpn = cfg.cluster.ranks_per_node
+        self.source_nodes = held_sources(cfg, node)
+        self.ranks = [n * rpn + i for n in self.source_nodes for i in range(rpn)]
+        self.rank_node = {r: r // rpn for r in self.ranks}
+        self.sets: dict[int, SlotSet] = {}
+        self.server: TransportServer | None = None
+        self.replicated = cfg.backend.name == "replicated"
+        self.incarnation: int | None = None
+
+    def start(self) -> dict[str, Any]:
+        assert self.job is not None
+        if not self.replicated:
+            return {}
+        from gemini.cluster.transport import TransportServer
+
+        host = self.job.cfg.cluster.host
+        self.server = TransportServer(self.job.secret(), self, host=host, port=0).start()
+        return {"transport": f"{host}:{self.server.port}"}
+
+    def tick(self) -> None:
+        assert self.store is not None and self.job is not None
+        for rank in self.ranks:
+            if rank in self.sets or not self.store.exists(f"ckpt/size/{rank}"):
+                continue
+            size = self.store.get_json(f"ckpt/size/{rank}")
+            kind = "local" if self.rank_node[rank] == self.node else "replica"
+            name = shm_name(self.job.run_id, self.node, rank, kind)
+            t0 = time.perf_counter()
+            self.sets[rank] = SlotSet.create(name, int(size["data"]), int(size["manifest"]), touch=True)
+            if self.incarnation is None:
+                self.incarnation = self.store.get_json(f"agent/node{self.node}")["incarnation"]
+            self.store.set_json(
+                f"ckpt/ready/{self.node}/{rank}",
+                {"incarnation": self.incarnation, "touch_s": time.perf_counter() - t0},
+            )
+        super().tick()
+
+    def inventory(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for rank, slots in self.sets.items():
+            good = []
+            for step, idx in slots.complete_steps():
+                try:
+                    slots.verify(idx)
+                    good.append(step)
+                except Exception as e:  # a corrupted copy is reported, never planned
+                    print(f"[agent {self.node}] rank {rank} step {step}: {e}", flush=True)
+            out[str(rank)] = good
+        return out
+
+    # -- transport Handler --------------------------------------------------------
+    def begin_put(self, source: int, step: int, data_len: int, manifest_len: int) -> PutTarget:
+        slots = self.sets.get(source)
+        if slots is None or self.rank_node.get(source) == self.node:
+            raise SlotError(f"node {self.node} holds no replica slots for rank {source}")
+        idx = slots.begin_write(step, data_len)
+        return _SlotTarget(slots, idx, data_len)
+
+    def get(self, source: int, step: int | None) -> tuple[bytes, memoryview] | None:
+        slots = self.sets.get(source)
+        if slots is None:
+            return None
+        for s, idx in slots.complete_steps():
+            if step is None or s == step:
+                return slots.raw_slot_view(idx)
+        return None
+
+    def list(self) -> dict[str, Any]:
+        return {str(r): [s for s, _ in sl.complete_steps()] for r, sl in self.sets.items()}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for slots in self.sets.values():
+            slots.close()
+
+
 def make_agent_services(job: JobSpec, node: int, store: Store) -> AgentServices:
-    return AgentServices()
+    if job.config["backend"]["name"] in ("memory", "replicated"):
+        return MemoryServices(job, node, store)
+    return AgentServices(job, node, store)
+
+
+def corrupt_replica(job: JobSpec, store: Store, rank: int) -> dict[str, Any]:
+    """Flip a byte in the newest complete replica of ``rank`` held by a peer."""
+    from gemini.checkpoint.memory import replica_holders
+
+    node = rank // job.cfg.cluster.ranks_per_node
+    for holder in replica_holders(job.cfg, node):
+        try:
+            slots = SlotSet.open(shm_name(job.run_id, holder, rank, "replica"))
+        except SlotError:
+            continue
+        with slots:
+            newest = slots.newest_complete()
+            if newest is None:
+                continue
+            step, idx = newest
+            view = slots.data_view(idx)
+            pos = slots.header(idx).data_len // 2
+            view[pos] ^= 0xFF
+            return {"holder": holder, "rank": rank, "step": step, "offset": pos}
+    return {}

@@ -94,6 +94,13 @@ class CheckpointBackend(ABC):
     def busy(self) -> bool:
         return self._pending is not None
 
+    def prepare(self, state: TrainState) -> dict[str, Any]:
+        """Allocate what checkpoints need, once, before training (its cost is reported apart)."""
+        t0 = time.perf_counter()
+        out = self._prepare(state)
+        out["ckpt_prepare_s"] = time.perf_counter() - t0
+        return out
+
     def snapshot(self, step: int, state: TrainState) -> None:
         """Start the checkpoint of ``step``; the previous one must have been waited for."""
         if self._closed:
@@ -147,6 +154,9 @@ class CheckpointBackend(ABC):
     @abstractmethod
     def _retrieve(self, step: int, source: dict[str, Any]) -> Retrieved: ...
 
+    def _prepare(self, state: TrainState) -> dict[str, Any]:
+        return {}
+
     def _close(self) -> None:
         return None
 
@@ -178,4 +188,16 @@ def make_backend(ctx: BackendContext) -> CheckpointBackend:
     name = ctx.job.config["backend"]["name"]
     if name == "none":
         return NoBackend(ctx)
+    if name == "memory":
+        from gemini.checkpoint.memory import MemoryBackend
+
+        return MemoryBackend(ctx)
+    if name == "replicated":
+        from gemini.checkpoint.memory import ReplicatedBackend
+
+        return ReplicatedBackend(ctx)
+    if name == "disk":
+        from gemini.checkpoint.disk import DiskBackend
+
+        return DiskBackend(ctx)
     raise CheckpointError(f"backend.name={name!r} is not available yet")

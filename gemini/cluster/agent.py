@@ -65,6 +65,11 @@ class WorkerAgent:
         self.log_dir = Path(job.job_dir) / "logs"
         self.services: Any = None
         self._stopping = False
+        c = self.cfg.cluster
+        self.limit_s = c.heartbeat_s * c.missed_beats
+        self.root_hb, self.root_seen = -1, time.monotonic()
+        self.peer_hb: dict[int, tuple[int, float]] = {}
+        self.root_proc: subprocess.Popen[bytes] | None = None
 
     def start_services(self) -> dict[str, Any]:
         """The node's checkpoint services; their address goes into the registration."""
@@ -81,6 +86,9 @@ class WorkerAgent:
             f"agent/node{self.node}",
             {"pid": os.getpid(), "node": self.node, "incarnation": incarnation, **info},
         )
+        # A replacement agent must not relaunch the generation it replaces:
+        # it waits for the root's next one.
+        self.gen = self.store.counter("ctl/gen")
         try:
             while not self._stopping:
                 if self.store.exists("ctl/done") or self.store.exists("ctl/abort"):
@@ -94,9 +102,14 @@ class WorkerAgent:
                 self.poll_trainers()
                 if self.services is not None:
                     self.services.tick()
+                self.watch_root()
                 time.sleep(0.05)
         finally:
             self.stop_trainers()
+            if self.root_proc is not None and self.root_proc.poll() is None:
+                # The elected root finishes the job's bookkeeping on its own.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.root_proc.wait(timeout=10)
             hb.stop()
             if self.services is not None:
                 self.services.close()
@@ -126,6 +139,45 @@ class WorkerAgent:
                 terminate_tree(proc.pid, grace_s=2.0)
         self.poll_trainers()
         self.trainers = {}
+
+    # -- root election ------------------------------------------------------------
+    def live_nodes(self, now: float) -> list[int]:
+        live = []
+        for n in range(self.cfg.cluster.nodes):
+            v = self.store.counter(f"hb/node{n}")
+            seen = self.peer_hb.get(n)
+            if seen is None or seen[0] != v:
+                self.peer_hb[n] = (v, now)
+            if now - self.peer_hb[n][1] <= self.limit_s:
+                live.append(n)
+        return live
+
+    def watch_root(self) -> None:
+        """Elect a new root when the current one stops beating (the store outlives it)."""
+        now = time.monotonic()
+        v = self.store.counter("hb/root")
+        live = self.live_nodes(now)
+        if v != self.root_hb or v == 0:
+            self.root_hb, self.root_seen = v, now
+            return
+        if now - self.root_seen < self.limit_s or self.store.exists("ctl/done"):
+            return
+        # The lowest live node stands first; the others only if it stays silent.
+        lowest = min(live, default=self.node)
+        if self.node != lowest and now - self.root_seen < 3 * self.limit_s:
+            return
+        epoch = self.store.counter("root/epoch")
+        me = str(self.node)
+        got = self.store.raw.compare_set(f"root/elect/{epoch}", "", me)
+        self.root_seen = now  # whoever won, give the new root time to beat
+        if got.decode() != me:
+            return
+        self.store.incr("root/epoch")
+        self.store.set_json("root/elected", {"node": self.node, "epoch": epoch + 1, "t": time.time()})
+        self.root_proc = spawn_module(
+            "gemini.cluster.root", ["--job", str(Path(self.job.job_dir) / "job.json")],
+            log_path=self.log_dir / f"root-epoch{epoch + 1}.log",
+        )
 
     def request_stop(self, *_: Any) -> None:
         self._stopping = True

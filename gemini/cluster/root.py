@@ -17,6 +17,7 @@ elected after this one is lost picks up where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -103,14 +104,39 @@ class RootAgent:
 
     def run(self) -> int:
         hb = Heartbeat(self.job.store, "root", self.cfg.cluster.heartbeat_s).start()
+        self.store.set_json("root/pid", {"pid": os.getpid(), "t": time.time()})
         try:
             if self.gen == 0:
                 self.wait_agents()
                 self.launch({"start_step": 0, "sources": {}, "reason": "first launch"})
                 self.log(f"generation {self.gen}: {self.world} ranks on {self.nodes} nodes")
+            else:
+                self.took_over()
             return self.monitor()
         finally:
             hb.stop()
+
+    def took_over(self) -> None:
+        """Record the loss of the previous root: this one was elected to replace it."""
+        now = time.time()
+        elected = self.store.get_json_or("root/elected", {})
+        injected = self.store.items("inject", self.inject_seen + 1)
+        lost = [rec for _, rec in injected if rec.get("kind") == "root_loss"]
+        if injected:
+            self.inject_seen = injected[-1][0]
+            self.store.incr("root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen"))
+        t_inject = float(lost[0]["t"]) if lost else float(elected.get("t", now))
+        t_elected = float(elected.get("t", now))
+        self.log(f"elected by node {elected.get('node')} (epoch {elected.get('epoch')}); carrying on")
+        step = self.progress()
+        self.store.push("recovery", {
+            "kind": "root_loss", "failed": "root agent", "failed_step": step, "restored_step": step,
+            "t_inject": t_inject, "detect_s": t_elected - t_inject, "teardown_s": 0.0,
+            "restart_s": now - t_elected, "rendezvous_s": 0.0, "retrieve_s": 0.0, "load_s": 0.0,
+            "replay_s": 0.0, "recovery_s": now - t_inject, "lost_steps": 0,
+            "reason": f"root re-elected on node {elected.get('node')}; training carried on",
+            "source_counts": {}, "t_back": now,
+        })
 
     def monitor(self) -> int:
         suspicious_since: float | None = None
@@ -123,8 +149,10 @@ class RootAgent:
             if len(finals) == self.world and len(exits) == self.world and all(
                 e["code"] == 0 for e in exits.values()
             ):
+                self.check_replayed()
                 self.finish("completed")
                 return 0
+            self.check_replayed()
             dead = self.dead_nodes()
             killed = [r for r, e in exits.items() if e["code"] < 0 and e["code"] != -15]
             crashed = [r for r, e in exits.items() if e["code"] != 0]
@@ -141,11 +169,151 @@ class RootAgent:
                     suspicious_since = None
             time.sleep(0.05)
 
+    # -- recovery -------------------------------------------------------------
+    def wait_exits(self, gen: int, ranks: list[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self.store.exists(f"exit/{gen}/{r}") for r in ranks):
+                return
+            time.sleep(0.02)
+
+    def replace(self, nodes: list[int], timeout_s: float = 120.0) -> None:
+        """Ask the launcher for fresh nodes (empty memory) and wait for their agents."""
+        before = {n: self.store.get_json_or(f"agent/node{n}", {}).get("incarnation", 0) for n in nodes}
+        for n in nodes:
+            self.store.push("spawn", {"node": n, "t": time.time()})
+        deadline = time.monotonic() + timeout_s
+        for n in nodes:
+            while self.store.get_json_or(f"agent/node{n}", {}).get("incarnation", 0) <= before[n]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replacement node {n} did not come up in {timeout_s:.0f} s")
+                time.sleep(0.05)
+        now = time.monotonic()
+        for n in nodes:
+            self.live.changed[n] = now
+
+    def inventory(self, timeout_s: float = 60.0) -> dict[int, dict[int, list[int]]]:
+        """Ask every agent which verified steps it holds, per source rank."""
+        n = self.store.incr("inv/req")
+        out: dict[int, dict[int, list[int]]] = {}
+        deadline = time.monotonic() + timeout_s
+        for node in range(self.nodes):
+            key = f"inv/{n}/{node}"
+            while not self.store.exists(key) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self.store.exists(key):
+                out[node] = {int(r): steps for r, steps in self.store.get_json(key).items()}
+        return out
+
+    def storage_steps(self) -> list[int]:
+        b = self.cfg.backend
+        if b.name != "disk" and not (b.name in ("memory", "replicated") and b.persist_every_s > 0):
+            return []
+        from gemini.checkpoint.disk import storage_complete_steps
+
+        return storage_complete_steps(self.job.config, self.job.job_dir, self.job.run_id, self.world)
+
     def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
+        t_detect = time.time()
+        injected = self.store.items("inject", self.inject_seen + 1)
+        if injected:
+            self.inject_seen = injected[-1][0]
+            self.store.incr("root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen"))
+        t_inject = min((rec["t"] for _, rec in injected), default=t_detect)
         kind = "hardware" if dead else "software"
-        self.log(f"failure detected: {kind}; dead nodes {dead}, failed ranks {ranks}")
-        self.store.set_json("root/result", {"status": "failed", "reason": f"{kind} failure"})
-        self.store.set("ctl/abort", "1")
+        failed_step = self.progress()
+        self.log(f"failure: {kind}; dead nodes {dead}, failed ranks {ranks}; job at step {failed_step}")
+        pending = self.store.get_json_or("root/pending")
+        if pending is not None:
+            # A failure during the previous recovery's replay ends that record early.
+            pending["interrupted"] = True
+            self.store.push("recovery", pending)
+            self.store.set_json("root/pending", None)
+        rec: dict[str, Any] = {
+            "kind": kind, "failed": f"nodes {dead}" if dead else f"ranks {ranks}",
+            "dead_nodes": dead, "failed_ranks": ranks, "failed_step": failed_step,
+            "t_inject": t_inject, "t_detect": t_detect, "detect_s": t_detect - t_inject,
+            "injected": [r for _, r in injected],
+        }
+        # Teardown: stop every trainer of the generation on the live nodes.
+        old = self.gen
+        self.store.set(f"ctl/stop/{old}", "1")
+        live_ranks = [r for r in range(self.world) if self.rank_node[r] not in dead]
+        self.wait_exits(old, live_ranks, timeout_s=15.0)
+        t_torn = time.time()
+        rec["teardown_s"] = t_torn - t_detect
+        if dead:
+            self.replace(dead)
+        t_replaced = time.time()
+        rec["replace_s"] = t_replaced - t_torn
+        excluded: list[tuple[int, int, str, int]] = []
+        for attempt in range(3):
+            memory = self.inventory()
+            plan = plan_recovery(self.rank_node, memory, self.storage_steps(), excluded)
+            rec.update(restored_step=plan.step, reason=plan.reason, source_counts=plan.source_counts(),
+                       sources={str(r): s for r, s in plan.sources.items()},
+                       lost_steps=max(0, failed_step - plan.step))
+            self.log(f"plan: {plan.reason}; sources {plan.source_counts()}")
+            t_launch = time.time()
+            gen = self.launch({**plan.to_json(), "replay_until": failed_step})
+            ok, readies = self.wait_ready(gen)
+            if ok:
+                break
+            # A source failed its checksum at retrieval: skip it and re-plan.
+            for r, e in self.exits(gen).items():
+                src = plan.sources.get(r, {})
+                excluded.append((r, plan.step, src.get("kind", ""), int(src.get("node", -1))))
+            self.store.set(f"ctl/stop/{gen}", "1")
+            self.wait_exits(gen, list(range(self.world)), timeout_s=15.0)
+        t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
+        for phase in ("rendezvous_s", "retrieve_s", "load_s", "ckpt_prepare_s"):
+            vals = [float(v.get(phase, 0.0)) for v in readies.values()]
+            rec[phase] = max(vals) if vals else 0.0
+        rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())
+        rec["rank_sources"] = {str(r): v.get("source", "scratch") for r, v in readies.items()}
+        rec["restart_s"] = max(0.0, (t_ready - t_torn) - rec["rendezvous_s"] - rec["retrieve_s"] - rec["load_s"])
+        rec["t_ready"] = t_ready
+        rec["t_launch"] = t_launch
+        self.store.set_json("root/pending", rec)
+
+    def wait_ready(self, gen: int, timeout_s: float = 300.0) -> tuple[bool, dict[int, Any]]:
+        """Wait until every rank of ``gen`` restored; False if one died trying."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            readies = {r: self.store.get_json(f"ready/{gen}/{r}") for r in range(self.world)
+                       if self.store.exists(f"ready/{gen}/{r}")}
+            if len(readies) == self.world:
+                return True, readies
+            failed = [r for r, e in self.exits(gen).items() if e["code"] != 0]
+            if failed:
+                self.log(f"ranks {failed} failed to restore in generation {gen}")
+                return False, readies
+            time.sleep(0.02)
+        raise TimeoutError(f"generation {gen} did not come up in {timeout_s:.0f} s")
+
+    def check_replayed(self) -> None:
+        """Close the pending recovery record once every rank is back at the failed step."""
+        rec = self.store.get_json_or("root/pending")
+        if rec is None:
+            return
+        target = min(int(rec["failed_step"]), self.cfg.train.steps)
+        done = all(
+            self.store.exists(f"final/{self.gen}/{r}") for r in range(self.world)
+        ) or self.min_progress() >= target
+        if not done:
+            return
+        t_back = time.time()
+        rec["replay_s"] = max(0.0, t_back - float(rec["t_ready"]))
+        rec["recovery_s"] = t_back - float(rec["t_inject"])
+        rec["t_back"] = t_back
+        self.store.push("recovery", rec)
+        self.store.set_json("root/pending", None)
+        self.log(f"recovered: back at step {target} {rec['recovery_s']:.2f} s after the failure")
+
+    def min_progress(self) -> int:
+        vals = [int(self.store.raw.get(f"progress/{r}")) if self.store.exists(f"progress/{r}") else 0
+                for r in range(self.world)]
+        return min(vals)
 
     def finish(self, status: str) -> None:
         self.store.set_json("root/result", {"status": status, "gen": self.gen})

@@ -105,6 +105,34 @@ class TrainState:
             out[f"buffer/{i}"] = b.detach()
         return out
 
+    def checkpoint_spec(self) -> dict[str, torch.Tensor]:
+        """Meta tensors shaped like ``tensors()`` will be after the first step.
+
+        AdamW creates its state lazily at the first step, but checkpoint memory
+        is allocated (and touched) once, before training: this predicts the
+        layout without changing any state.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for i in self._owned():
+            p = self.params[i]
+            out[f"model/{self.param_names[i]}"] = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        opt = self._local_optimizer()
+        for p in (q for g in opt.param_groups for q in g["params"]):
+            idx = next(i for i, q in enumerate(self.params) if q is p)
+            name = self.param_names[idx]
+            if opt.state.get(p):
+                for key, val in sorted(opt.state[p].items()):
+                    if isinstance(val, torch.Tensor):
+                        out[f"optim/{name}/{key}"] = torch.empty(val.shape, dtype=val.dtype, device="meta")
+                continue
+            # torch.optim.AdamW's per-parameter state (amsgrad off), in sorted key order.
+            out[f"optim/{name}/exp_avg"] = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            out[f"optim/{name}/exp_avg_sq"] = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            out[f"optim/{name}/step"] = torch.empty((), dtype=torch.float32, device="meta")
+        for i, b in enumerate(self.module.buffers()):
+            out[f"buffer/{i}"] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+        return out
+
     def extra(self) -> dict[str, Any]:
         """Non-tensor state, JSON-able: step, data position, schedule, RNG."""
         return {

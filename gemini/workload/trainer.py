@@ -111,7 +111,9 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     cadence = make_cadence(b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s)
 
     start_step = int(plan.get("start_step", 0))
-    ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step, "t": time.time()}
+    ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step}
+    if backend.enabled:
+        ready.update(backend.prepare(state))
     if start_step > 0:
         source = plan["sources"][str(rank)]
         got = backend.retrieve(start_step, source)
@@ -121,6 +123,8 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             retrieve_s=got.retrieve_s, load_s=time.perf_counter() - t_load,
             source=got.source, bytes=got.bytes,
         )
+    ready["t"] = time.time()
+    store.set(f"progress/{rank}", str(state.step))
     store.set_json(f"ready/{gen}/{rank}", ready)
     reporter = Reporter(job, rank, gen)
     replay_until = int(plan.get("replay_until", 0))

@@ -1,0 +1,329 @@
+"""In-memory checkpoints: ``memory`` (local CPU memory) and ``replicated`` (+ m-1 peers).
+
+The trainer's side. The slots live in POSIX shared memory owned by the
+node's worker agent (``agent_side``), so a trainer crash loses nothing. At
+start-up the trainer announces the exact size of its checkpoint; its agent
+(and, for ``replicated``, its holders' agents) allocate and touch two slots of
+that size once, and the trainer maps its local slots.
+
+Per step the trainer copies its state into the in-progress slot in a
+background thread, overlapped with the next forward/backward; the trainer
+joins it before the next optimizer step changes the parameters. The commit
+writes step and checksums last, so a failure mid-copy leaves the other slot as
+the newest complete checkpoint. ``replicated`` then sends the committed slot
+to the m-1 holders chosen by placement (Algorithm 1) over the authenticated
+transport; they receive straight into their slot for this source.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gemini.checkpoint import format as fmt
+from gemini.checkpoint.backend import (
+    BackendContext,
+    CheckpointBackend,
+    CheckpointError,
+    Retrieved,
+    SnapshotTiming,
+)
+from gemini.checkpoint.cadence import persist_due
+from gemini.checkpoint.slot import SlotSet, manifest_capacity_for, shm_available_bytes, shm_name
+from gemini.cluster.store import Store
+from gemini.config import ConfigError, GeminiConfig
+
+if TYPE_CHECKING:
+    from gemini.checkpoint.disk import DiskStore
+    from gemini.cluster.transport import TransportClient
+    from gemini.workload.state import TrainState
+
+
+def segment_kind(source_node: int, holder_node: int) -> str:
+    return "local" if source_node == holder_node else "replica"
+
+
+def replica_holders(cfg: GeminiConfig, node: int) -> list[int]:
+    """The m-1 nodes that hold ``node``'s checkpoints (none for ``memory``)."""
+    if cfg.backend.name != "replicated" or cfg.backend.replication.factor <= 1:
+        return []
+    from gemini.checkpoint.placement import holders, resolve_placement
+
+    n, m = cfg.cluster.nodes, cfg.backend.replication.factor
+    return holders(node, n, m, resolve_placement(n, m, cfg.backend.replication.placement))
+
+
+def held_sources(cfg: GeminiConfig, node: int) -> list[int]:
+    """Nodes whose checkpoints ``node`` stores, itself first."""
+    if cfg.backend.name != "replicated" or cfg.backend.replication.factor <= 1:
+        return [node]
+    from gemini.checkpoint.placement import held_by, resolve_placement
+
+    n, m = cfg.cluster.nodes, cfg.backend.replication.factor
+    return [node, *held_by(node, n, m, resolve_placement(n, m, cfg.backend.replication.placement))]
+
+
+def estimate_rank_bytes(cfg: GeminiConfig) -> int:
+    """Upper bound of one rank's checkpoint: parameters + AdamW's two moments, fp32."""
+    from gemini.workload.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.train.seed)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_rank = 3 * params
+    if cfg.train.parallel == "zero":
+        world = cfg.cluster.nodes * cfg.cluster.ranks_per_node
+        # Greedy partitioning by size can be uneven by one large tensor.
+        biggest = max(p.numel() * p.element_size() for p in model.parameters())
+        per_rank = 3 * (params // world + biggest)
+    return per_rank + (1 << 20)
+
+
+def check_shm_budget(cfg: GeminiConfig) -> None:
+    """Refuse, before allocating anything, a layout /dev/shm cannot hold."""
+    world = cfg.cluster.nodes * cfg.cluster.ranks_per_node
+    m = cfg.backend.replication.factor if cfg.backend.name == "replicated" else 1
+    per_rank = estimate_rank_bytes(cfg)
+    need = world * m * 2 * per_rank
+    available = shm_available_bytes()
+    # /dev/shm is RAM here: leave a tenth for training itself.
+    if need > 0.9 * available:
+        key = "backend.replication.factor" if m > 1 else "backend.name"
+        value: Any = m if m > 1 else cfg.backend.name
+        raise ConfigError(
+            key,
+            value,
+            f"the slots need {need / 2**30:.1f} GiB of /dev/shm ({world} ranks x {m} copies x 2 slots x "
+            f"{per_rank / 2**20:.0f} MiB) but {available / 2**30:.1f} GiB is available: lower "
+            "backend.replication.factor, or use a smaller model or fewer ranks",
+        )
+
+
+class MemoryBackend(CheckpointBackend):
+    """``backend=memory``: two slots per rank in the local agent's shared memory."""
+
+    name = "memory"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.cfg = ctx.job.cfg
+        self.store = Store.from_address(ctx.job.store)
+        self.chunk = self.cfg.backend.chunk_mb << 20
+        self.slots: SlotSet | None = None
+        self.holders: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._persist_thread: threading.Thread | None = None
+        self._persist_slot: int | None = None
+        self._last_persist = time.monotonic()
+        self._disk: DiskStore | None = None
+        self._arm = self.store.get_json_or(f"inject/arm/{ctx.rank}")
+
+    # -- start-up ---------------------------------------------------------------
+    def _prepare(self, state: TrainState) -> dict[str, Any]:
+        spec = state.checkpoint_spec()
+        _, nbytes = fmt.layout(spec)
+        size = {
+            "data": nbytes,
+            "manifest": manifest_capacity_for(len(spec), nbytes, self.chunk),
+        }
+        self.store.set_json(f"ckpt/size/{self.ctx.rank}", size)
+        nodes = [self.ctx.node, *self.holders]
+        touch = 0.0
+        deadline = time.monotonic() + 120
+        for n in nodes:
+            while True:
+                inc = self.store.get_json_or(f"agent/node{n}", {}).get("incarnation")
+                ready = self.store.get_json_or(f"ckpt/ready/{n}/{self.ctx.rank}")
+                if ready is not None and inc is not None and ready["incarnation"] == inc:
+                    touch = max(touch, float(ready.get("touch_s", 0.0)))
+                    break
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"node {n} did not allocate slots for rank {self.ctx.rank}")
+                time.sleep(0.02)
+        name = shm_name(self.ctx.job.run_id, self.ctx.node, self.ctx.rank, "local")
+        self.slots = SlotSet.open(name, populate=True)
+        if self.cfg.backend.persist_every_s > 0:
+            self._disk = _disk_store(self.ctx)
+        return {"ckpt_alloc_s": touch, "ckpt_capacity_bytes": nbytes}
+
+    # -- per step ---------------------------------------------------------------
+    def _snapshot(self, step: int, state: TrainState, timing: SnapshotTiming) -> None:
+        assert self.slots is not None, "prepare() first"
+        tensors = state.tensors()
+        extra = state.extra()
+        newest = self.slots.newest_complete()
+        target = 0 if newest is None or newest[1] == 1 else 1
+        if self._persist_thread is not None and self._persist_slot == target:
+            # The persistent tier still reads the slot we are about to reuse.
+            self._persist_thread.join()
+            self._persist_thread = None
+        idx = self.slots.begin_write(step)
+        kill_midway = self._arm is not None and int(self._arm["step"]) == step and not self.store.exists(
+            f"inject/fired/{self._arm['id']}"
+        )
+        self._error = None
+        self._thread = threading.Thread(
+            target=self._copy, args=(idx, step, tensors, extra, timing, kill_midway), daemon=True
+        )
+        self._thread.start()
+
+    def _copy(
+        self, idx: int, step: int, tensors: dict[str, torch.Tensor], extra: dict[str, Any],
+        timing: SnapshotTiming, kill_midway: bool,
+    ) -> None:
+        try:
+            assert self.slots is not None
+            t0 = time.perf_counter()
+            entries, nbytes = fmt.layout(tensors)
+            dst = self.slots.data_tensor(idx)
+            if kill_midway:
+                self._die_midway(tensors, entries, dst, step)
+            fmt.write_state(tensors, entries, dst)
+            manifest = fmt.Manifest(
+                step=step, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                config_hash=self.ctx.config_hash, tensors=entries, data_nbytes=nbytes,
+                chunk_bytes=self.chunk, checksums=fmt.checksum(dst, nbytes, self.chunk), extra=extra,
+            )
+            self.slots.commit(idx, manifest)
+            timing.local_s = time.perf_counter() - t0
+            timing.bytes = nbytes
+            self._after_commit(idx, manifest, timing)
+        except BaseException as e:  # re-raised in the training thread by _wait
+            self._error = e
+
+    def _die_midway(self, tensors: dict[str, torch.Tensor], entries: list[fmt.TensorEntry],
+                    dst: torch.Tensor, step: int) -> None:
+        """kill_during_snapshot: copy half the state, then die as a SIGKILL would."""
+        half = dict(list(tensors.items())[: max(1, len(tensors) // 2)])
+        fmt.write_state(half, entries[: len(half)], dst)
+        arm = self._arm or {}
+        self.store.push("inject", {**arm, "t": time.time(), "step": step,
+                                   "what": f"kill during the snapshot of step {step}"})
+        self.store.set(f"inject/fired/{arm.get('id')}", "1")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
+        if self._disk is not None and persist_due(self._last_persist, time.monotonic(),
+                                                  self.cfg.backend.persist_every_s):
+            self._last_persist = time.monotonic()
+            self._persist_slot = idx
+            self._persist_thread = threading.Thread(
+                target=self._persist, args=(idx, manifest), daemon=True
+            )
+            self._persist_thread.start()
+
+    def _persist(self, idx: int, manifest: fmt.Manifest) -> None:
+        """Gemini's last resort: the committed slot, written through the disk backend."""
+        assert self.slots is not None and self._disk is not None
+        try:
+            self._disk.write(self.ctx.rank, manifest.step, manifest,
+                             self.slots.data_view(idx)[: manifest.data_nbytes])
+            if self.ctx.rank == 0:
+                self._disk.prune(self.ctx.world_size)
+        except Exception as e:  # the in-memory copies remain; report, don't stop training
+            print(f"[rank {self.ctx.rank}] persistent tier write failed: {e}", flush=True)
+
+    def _wait(self, timing: SnapshotTiming) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"{self.name}: snapshot of step {timing.step} failed: {err}") from err
+
+    def _complete_steps(self) -> list[int]:
+        return [s for s, _ in self.slots.complete_steps()] if self.slots else []
+
+    # -- restore ------------------------------------------------------------------
+    def _retrieve(self, step: int, source: dict[str, Any]) -> Retrieved:
+        assert self.slots is not None, "prepare() first"
+        kind = source.get("kind", "local")
+        if kind == "storage":
+            disk = self._disk or _disk_store(self.ctx)
+            manifest, view = disk.read(self.ctx.rank, step)
+            self._check(manifest, "storage")
+            tensors = fmt.read_state(view, manifest, copy=True)
+            return Retrieved(step, tensors, manifest.extra, "storage", manifest.data_nbytes, 0.0)
+        if kind == "peer":
+            self._fetch_from_peer(step, int(source["node"]))
+        idx = next((i for s, i in self.slots.complete_steps() if s == step), None)
+        if idx is None:
+            raise CheckpointError(f"rank {self.ctx.rank}: no complete step {step} in local memory")
+        manifest, tensors = self.slots.read_state(idx, verify=True)
+        self._check(manifest, kind)
+        self.slots.invalidate_newer_than(step)
+        where = "local" if kind == "local" else f"peer:{source['node']}"
+        return Retrieved(step, tensors, manifest.extra, where, manifest.data_nbytes, 0.0)
+
+    def _fetch_from_peer(self, step: int, holder: int) -> None:
+        """Receive this rank's checkpoint from a holder straight into the local slot."""
+        assert self.slots is not None
+        client = self._client(holder)
+        idx = self.slots.begin_write(step)
+        manifest_json, _ = client.get(self.ctx.rank, step, into=self.slots.data_view(idx))
+        self.slots.commit_raw(idx, manifest_json, verify=True)
+
+    def _check(self, manifest: fmt.Manifest, where: str) -> None:
+        if manifest.config_hash != self.ctx.config_hash:
+            raise CheckpointError(
+                f"the {where} checkpoint of rank {self.ctx.rank} was written by another config "
+                f"(hash {manifest.config_hash}, this run {self.ctx.config_hash}): start a fresh run"
+            )
+
+    def _client(self, node: int) -> TransportClient:
+        from gemini.cluster.transport import TransportClient
+
+        info = self.store.get_json(f"agent/node{node}")
+        host, port = info["transport"].rsplit(":", 1)
+        return TransportClient(host, int(port), self.ctx.job.secret(), timeout_s=60.0)
+
+    def _close(self) -> None:
+        for t in (self._thread, self._persist_thread):
+            if t is not None:
+                t.join()
+        if self.slots is not None:
+            self.slots.close()
+
+
+class ReplicatedBackend(MemoryBackend):
+    """``backend=replicated``: ``memory`` plus m-1 copies on the holders' agents."""
+
+    name = "replicated"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.holders = replica_holders(self.cfg, ctx.node)
+        self.clients: dict[int, TransportClient] = {}
+
+    def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
+        assert self.slots is not None
+        t0 = time.perf_counter()
+        raw = manifest.to_json()
+        data = self.slots.data_view(idx)[: manifest.data_nbytes]
+        for h in self.holders:
+            client = self.clients.get(h) or self.clients.setdefault(h, self._client(h))
+            client.put(self.ctx.rank, manifest.step, raw, data, chunk_bytes=max(self.chunk, 8 << 20))
+        timing.replicate_s = time.perf_counter() - t0
+        super()._after_commit(idx, manifest, timing)
+
+    def _close(self) -> None:
+        super()._close()
+        for c in self.clients.values():
+            c.close()
+
+
+def _disk_store(ctx: BackendContext) -> DiskStore:
+    from pathlib import Path
+
+    from gemini.checkpoint.disk import DiskStore
+    from gemini.checkpoint.preflight import disk_root
+
+    b = ctx.job.cfg.backend
+    return DiskStore(disk_root(ctx.job.cfg, Path(ctx.job.job_dir)), ctx.job.run_id,
+                     bandwidth_gbps=b.bandwidth_gbps, keep_last=b.keep_last)
