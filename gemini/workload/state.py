@@ -72,6 +72,22 @@ class TrainState:
         loss.backward()
         return float(loss.detach())
 
+    def warm_up_buckets(self) -> None:
+        """Let DDP rebuild its gradient buckets before the first restored step.
+
+        DDP lays out buckets in parameter order for the first backward, then
+        rebuilds them in gradient-ready order. Bucket boundaries decide how a
+        ring all-reduce splits each tensor, and so the order in which more than
+        two ranks' gradients are summed: a restarted job whose first step ran
+        on the initial layout would drift from the uninterrupted run in the
+        last bits. One discarded backward puts it on the same layout.
+        """
+        if not isinstance(self.model, DDP):
+            return
+        x, y = self.data.batch(self.step + 1)
+        self.model(x.to(self.device), y.to(self.device)).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def optimizer_step(self) -> None:
         self.optimizer.step()
         self.scheduler.step()

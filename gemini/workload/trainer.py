@@ -119,6 +119,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
         got = backend.retrieve(start_step, source)
         t_load = time.perf_counter()
         state.load(got.tensors, got.extra)
+        state.warm_up_buckets()
         ready.update(
             retrieve_s=got.retrieve_s, load_s=time.perf_counter() - t_load,
             source=got.source, bytes=got.bytes,
