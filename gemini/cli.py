@@ -54,9 +54,7 @@ def check_overrides(args: list[str]) -> None:
         key = o.get_key_element().lstrip("+~")
         if key not in groups or o.is_delete():
             continue
-        values = (
-            [str(v) for v in o.sweep_iterator()] if o.is_sweep_override() else [str(o.value())]
-        )
+        values = [str(v) for v in o.sweep_iterator()] if o.is_sweep_override() else [str(o.value())]
         known = group_options(key)
         for v in values:
             if v not in known:
@@ -72,7 +70,7 @@ def _one_line(e: BaseException) -> str:
         if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
             msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
             key = seen.full_key
-            if "not in struct" in msg or "Key '" in msg and "not" in msg:
+            if "not in struct" in msg or ("Key '" in msg and "not" in msg):
                 return f"{key}: no such setting; check the spelling (`gemini --cfg job` lists them)"
             return f"{key}: {msg}; fix the value"
         seen = seen.__cause__ or seen.__context__
@@ -97,10 +95,11 @@ def _variants(args: list[str]) -> list[list[str]]:
         else:
             base.append(text)
     out = [base]
-    for i, (prefix, values) in enumerate(sweeps):
+    for prefix, values in sweeps:
+        where = next(j for j, t in enumerate(base) if t.startswith(prefix + "="))
         for v in values[1:]:
             variant = list(base)
-            variant[[j for j, t in enumerate(base) if t.startswith(prefix + "=")][0]] = f"{prefix}={v}"
+            variant[where] = f"{prefix}={v}"
             out.append(variant)
     return out
 
@@ -112,8 +111,12 @@ def check_composition(args: list[str]) -> None:
 
     from gemini.config import to_schema
 
-    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg")
-           or a.startswith("-c") for a in args):
+    if any(
+        a in ("--help", "-h", "--hydra-help", "--info", "-i")
+        or a.startswith("--cfg")
+        or a.startswith("-c")
+        for a in args
+    ):
         return
     for overrides in _variants(args):
         GlobalHydra.instance().clear()
@@ -150,7 +153,10 @@ def _task(cfg: DictConfig) -> None:
         print(f"gemini: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("gemini: interrupted; every process and shared-memory segment was cleaned up", file=sys.stderr)
+        print(
+            "gemini: interrupted; every process and shared-memory segment was cleaned up",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

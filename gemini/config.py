@@ -75,6 +75,9 @@ class ClusterConfig:
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
     max_ranks_per_core: int = 4
     """Oversubscription this host accepts before refusing a layout."""
+    warm_spares: bool = True
+    """Keep one pre-started trainer process per rank (torch imported), so a restart
+    after a failure skips the interpreter start-up."""
     host: str = "127.0.0.1"
     """Address the controller's KV store and the agents' transports bind to."""
 
@@ -104,9 +107,11 @@ class BackendConfig:
     keep_last: int = 2
     """disk: complete checkpoints kept on storage (older ones are deleted)."""
     persist: str = "blocking"
-    """disk: ``blocking`` writes in the step, ``background`` snapshots to RAM and persists in a thread (CheckFreq)."""
+    """disk: ``blocking`` writes in the step; ``background`` snapshots to RAM and persists
+    in a thread (CheckFreq)."""
     bandwidth_gbps: float = 0.0
-    """disk: emulated storage bandwidth per node in Gbit/s (0 = real disk speed); reported as emulated."""
+    """disk: emulated storage bandwidth per node in Gbit/s (0 = real disk speed);
+    reported as emulated."""
     persist_every_s: float = 0.0
     """memory/replicated: also persist through ``disk`` every this many seconds (0 = never)."""
     chunk_mb: int = 4
@@ -118,7 +123,8 @@ class BackendConfig:
 @dataclass
 class FailureConfig:
     name: str = "none"
-    """Schedule: none, software_once, hardware_once, two_in_group, poisson, weibull, correlated, kill_during_snapshot, corruption, root_loss."""
+    """Schedule: none, software_once, hardware_once, two_in_group, poisson, weibull,
+    correlated, kill_during_snapshot, corruption, root_loss."""
     at_step: int | None = None
     """Step at which a one-off failure fires (None = seeded-random in the middle half)."""
     node: int | None = None
@@ -229,7 +235,7 @@ def to_schema(cfg: DictConfig | GeminiConfig) -> GeminiConfig:
     else:
         # Leave out Hydra's own node before resolving: in a multirun callback or
         # a composed test config it holds values Hydra fills in later (job.num).
-        keys = [k for k in cfg if k != "hydra"]
+        keys = [str(k) for k in cfg if k != "hydra"]
         plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
         assert isinstance(plain, dict)
         typed = OmegaConf.merge(OmegaConf.structured(GeminiConfig), plain)

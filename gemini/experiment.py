@@ -55,7 +55,9 @@ def check_writable(key: str, path: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(key, str(path), f"is not writable ({e.strerror}): choose a writable directory") from e
+        raise ConfigError(
+            key, str(path), f"is not writable ({e.strerror}): choose a writable directory"
+        ) from e
 
 
 def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str, Any]:
@@ -72,7 +74,9 @@ def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str
 
 
 class Controller:
-    def __init__(self, cfg: GeminiConfig, job_dir: Path, sweep_dir: str | None, job_name: str) -> None:
+    def __init__(
+        self, cfg: GeminiConfig, job_dir: Path, sweep_dir: str | None, job_name: str
+    ) -> None:
         self.cfg, self.job_dir, self.sweep_dir, self.job_name = cfg, job_dir, sweep_dir, job_name
         self.run_id = uuid.uuid4().hex[:10]
 
@@ -94,7 +98,9 @@ class Controller:
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
         )
         job.save()
-        (self.job_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (self.job_dir / "config.resolved.yaml").write_text(
+            OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        )
         cluster = LocalCluster(job, store)
         injector = Injector(job, store, cluster)
         t0 = time.time()
@@ -107,7 +113,9 @@ class Controller:
             wall_s = time.time() - t0
             reports = collect(store, job.world_size)
             cluster.teardown()
-        summary = summarize(cfg, reports, wall_s, outcome, self.run_id, injector.fired, cluster.replaced)
+        summary = summarize(
+            cfg, reports, wall_s, outcome, self.run_id, injector.fired, cluster.replaced
+        )
         (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if reports["recoveries"]:
             from gemini.timeline import draw_timeline
@@ -117,8 +125,14 @@ class Controller:
             from gemini.tracking import parent_run_id, record_job
 
             summary["mlflow_run_id"] = record_job(
-                cfg, self.job_dir, run_name=self.job_name if self.sweep_dir else f"{cfg.model.name}-{cfg.backend.name}",
-                summary=summary, step_metrics=reports["steps"], recoveries=reports["recoveries"],
+                cfg,
+                self.job_dir,
+                run_name=self.job_name
+                if self.sweep_dir
+                else f"{cfg.model.name}-{cfg.backend.name}",
+                summary=summary,
+                step_metrics=reports["steps"],
+                recoveries=reports["recoveries"],
                 parent=parent_run_id(self.sweep_dir),
             )
             (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -126,7 +140,9 @@ class Controller:
             print_results(cfg, summary, reports["recoveries"])
         store.raw = None  # type: ignore[assignment]  # closes the server socket
         if outcome != "completed":
-            raise JobFailed(f"job {outcome}: {summary.get('reason', '')} (logs in {self.job_dir / 'logs'})")
+            raise JobFailed(
+                f"job {outcome}: {summary.get('reason', '')} (logs in {self.job_dir / 'logs'})"
+            )
         return summary
 
     def watch(self, store: Any, cluster: Any, injector: Any) -> str:
@@ -135,8 +151,15 @@ class Controller:
         if self.cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.cfg.train.steps, desc="training", unit="step", file=sys.stderr,
-                       dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty())
+            bar = tqdm(
+                total=self.cfg.train.steps,
+                desc="training",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=False,
+                disable=not sys.stderr.isatty(),
+            )
         last = 0
         c = self.cfg.cluster
         root_hb, root_seen = -1, time.monotonic()
@@ -170,7 +193,9 @@ class Controller:
 
 
 def progress(store: Any, world: int) -> int:
-    steps = [int(store.raw.get(f"progress/{r}")) for r in range(world) if store.exists(f"progress/{r}")]
+    steps = [
+        int(store.raw.get(f"progress/{r}")) for r in range(world) if store.exists(f"progress/{r}")
+    ]
     return min(steps) if len(steps) == world else 0
 
 
@@ -196,7 +221,14 @@ def collect(store: Any, world: int) -> dict[str, Any]:
     for s in sorted(by_step):
         recs = by_step[s]
         row: dict[str, Any] = {"step": s, "t": max(r["t"] for r in recs)}
-        for k in ("iter_time_s", "ckpt_stall_s", "loss", "ckpt_local_s", "ckpt_replicate_s", "ckpt_persist_s"):
+        for k in (
+            "iter_time_s",
+            "ckpt_stall_s",
+            "loss",
+            "ckpt_local_s",
+            "ckpt_replicate_s",
+            "ckpt_persist_s",
+        ):
             vals = [r[k] for r in recs if k in r]
             if vals:
                 row[k] = mean(vals)
@@ -205,11 +237,43 @@ def collect(store: Any, world: int) -> dict[str, Any]:
         row["throughput_samples_s"] = mean(r["throughput_samples_s"] for r in recs)
         steps.append(row)
     finals_tail = [rec for recs in per_rank.values() for rec in recs if rec.get("final_wait")]
+    add_wasted(recoveries, per_rank)
     return {
-        "steps": steps, "finals": finals, "readies": readies, "recoveries": recoveries,
-        "gen": gen, "final_waits": finals_tail,
+        "steps": steps,
+        "finals": finals,
+        "readies": readies,
+        "recoveries": recoveries,
+        "gen": gen,
+        "final_waits": finals_tail,
         "root": store.get_json_or("root/result", {}),
     }
+
+
+def add_wasted(recoveries: list[dict[str, Any]], per_rank: dict[int, list[dict[str, Any]]]) -> None:
+    """``wasted_s`` = ``recovery_s`` + the checkpoint stalls paid since the previous failure.
+
+    Stalls are averaged over ranks (they train in lock-step) and summed over
+    every executed step in the window, replayed ones included: that is time
+    the job spent on checkpoints that this failure then made worthless or
+    that bought its recovery.
+    """
+    start = 0.0
+    world = max(1, len(per_rank))
+    for rec in sorted(recoveries, key=lambda r: float(r.get("t_inject", 0.0))):
+        t_inj = float(rec.get("t_inject", 0.0))
+        stall = (
+            sum(
+                float(x.get("ckpt_stall_s", 0.0))
+                for recs in per_rank.values()
+                for x in recs
+                if start <= float(x.get("t", 0.0)) < t_inj
+            )
+            / world
+        )
+        rec["ckpt_stall_since_last_s"] = stall
+        if isinstance(rec.get("recovery_s"), (int, float)):
+            rec["wasted_s"] = float(rec["recovery_s"]) + stall
+        start = t_inj
 
 
 def state_digest(finals: dict[int, Any]) -> str | None:
@@ -223,16 +287,23 @@ def state_digest(finals: dict[int, Any]) -> str | None:
 
 
 def summarize(
-    cfg: GeminiConfig, reports: dict[str, Any], wall_s: float, outcome: str, run_id: str,
-    fired: list[dict[str, Any]], replaced: list[tuple[int, float]],
+    cfg: GeminiConfig,
+    reports: dict[str, Any],
+    wall_s: float,
+    outcome: str,
+    run_id: str,
+    fired: list[dict[str, Any]],
+    replaced: list[tuple[int, float]],
 ) -> dict[str, Any]:
     steps = reports["steps"]
     # The first steps pay for lazy allocation and warm caches; a run mean of
     # steady state is what overhead comparisons need.
     steady = [s for s in steps if s["step"] > min(3, max(0, len(steps) - 1))] or steps
+
     def m(key: str, rows: list[dict[str, Any]] = steady) -> float | None:
         vals = [r[key] for r in rows if key in r]
         return mean(vals) if vals else None
+
     ckpt_rows = [s for s in steps if "ckpt_local_s" in s]
     summary: dict[str, Any] = {
         "outcome": outcome,
@@ -263,8 +334,18 @@ def summarize(
         summary["storage_bandwidth"] = f"emulated {cfg.backend.bandwidth_gbps} Gbit/s per node"
     if reports["recoveries"]:
         recs = reports["recoveries"]
-        for k in ("detect_s", "teardown_s", "restart_s", "rendezvous_s", "retrieve_s", "load_s",
-                  "replay_s", "recovery_s", "wasted_s", "lost_steps"):
+        for k in (
+            "detect_s",
+            "teardown_s",
+            "restart_s",
+            "rendezvous_s",
+            "retrieve_s",
+            "load_s",
+            "replay_s",
+            "recovery_s",
+            "wasted_s",
+            "lost_steps",
+        ):
             vals = [r[k] for r in recs if isinstance(r.get(k), (int, float))]
             if vals:
                 summary[f"mean_{k}"] = mean(vals)
@@ -284,8 +365,15 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
         ("outcome", s["outcome"]),
         ("model / parallel", f"{cfg.model.name} / {cfg.train.parallel}"),
         ("cluster", f"{cfg.cluster.nodes} nodes x {cfg.cluster.ranks_per_node} ranks (local)"),
-        ("backend", cfg.backend.name + (f" (m={cfg.backend.replication.factor}, "
-                                        f"{cfg.backend.replication.placement})" if cfg.backend.name == "replicated" else "")),
+        (
+            "backend",
+            cfg.backend.name
+            + (
+                f" (m={cfg.backend.replication.factor}, {cfg.backend.replication.placement})"
+                if cfg.backend.name == "replicated"
+                else ""
+            ),
+        ),
         ("steps", s["steps"]),
         ("wall time", _fmt(s["wall_s"], " s")),
         ("iteration time (mean)", _fmt(s["iter_time_s"], " s")),
@@ -303,12 +391,28 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     for i, r in enumerate(recoveries, 1):
-        print(f"\nRecovery {i}: {r.get('kind')} failure of {r.get('failed', '')} at step {r.get('failed_step')}, "
-              f"restored step {r.get('restored_step')} ({r.get('reason', '')})")
-        phases = ["detect_s", "teardown_s", "restart_s", "rendezvous_s", "retrieve_s", "load_s", "replay_s"]
+        print(
+            f"\nRecovery {i}: {r.get('kind')} failure of {r.get('failed', '')} "
+            f"at step {r.get('failed_step')}, "
+            f"restored step {r.get('restored_step')} ({r.get('reason', '')})"
+        )
+        phases = [
+            "detect_s",
+            "teardown_s",
+            "restart_s",
+            "rendezvous_s",
+            "retrieve_s",
+            "load_s",
+            "replay_s",
+        ]
         print("  " + "  ".join(f"{p[:-2]} {_fmt(r.get(p), 's')}" for p in phases))
-        print(f"  recovery {_fmt(r.get('recovery_s'), 's')}  wasted {_fmt(r.get('wasted_s'), 's')}  "
-              f"lost steps {r.get('lost_steps')}  sources {r.get('source_counts')}")
+        print(
+            f"  recovery {_fmt(r.get('recovery_s'), 's')}  wasted {_fmt(r.get('wasted_s'), 's')}  "
+            f"lost steps {r.get('lost_steps')}  sources {r.get('source_counts')}"
+        )
     print("-" * (width + 40))
     if cfg.tracking.enabled:
-        print(f"MLflow run {s.get('mlflow_run_id', '')}; browse with:\n  {ui_command(tracking_uri(cfg))}")
+        print(
+            f"MLflow run {s.get('mlflow_run_id', '')}; browse with:\n"
+            f"  {ui_command(tracking_uri(cfg))}"
+        )

@@ -15,6 +15,7 @@ root measures detection latency. The schedule itself is pure
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -45,12 +46,20 @@ def schedule_for(job: JobSpec) -> list[FailureEvent]:
             return next(g for g in gs if node in g)
 
     return build_schedule(
-        f.name, nodes=cfg.cluster.nodes, steps=cfg.train.steps,
+        f.name,
+        nodes=cfg.cluster.nodes,
+        steps=cfg.train.steps,
         seed=cfg.train.seed if f.seed is None else f.seed,
-        at_step=f.at_step, node=f.node, mtbf_s=f.mtbf_s, weibull_shape=f.weibull_shape,
-        k=f.k, kind=f.kind, max_events=f.max_events,
+        at_step=f.at_step,
+        node=f.node,
+        mtbf_s=f.mtbf_s,
+        weibull_shape=f.weibull_shape,
+        k=f.k,
+        kind=f.kind,
+        max_events=f.max_events,
         horizon_s=f.mtbf_s * (f.max_events + 1) if f.name in ("poisson", "weibull") else None,
-        group_of=group_of, rank_in_node=f.rank_in_node,
+        group_of=group_of,
+        rank_in_node=f.rank_in_node,
     )
 
 
@@ -70,7 +79,11 @@ class Injector:
 
     def progress(self) -> int:
         world = self.job.world_size
-        vals = [int(self.store.raw.get(f"progress/{r}")) for r in range(world) if self.store.exists(f"progress/{r}")]
+        vals = [
+            int(self.store.raw.get(f"progress/{r}"))
+            for r in range(world)
+            if self.store.exists(f"progress/{r}")
+        ]
         return max(vals, default=0)
 
     def tick(self) -> None:
@@ -81,7 +94,8 @@ class Injector:
             self.t_start = time.time()
         for i, ev in list(self.pending):
             due = (ev.at_step is not None and step >= ev.at_step) or (
-                ev.at_time_s is not None and self.t_start is not None
+                ev.at_time_s is not None
+                and self.t_start is not None
                 and time.time() - self.t_start >= ev.at_time_s
             )
             if due:
@@ -128,7 +142,5 @@ class Injector:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

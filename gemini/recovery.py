@@ -86,4 +86,6 @@ def plan_recovery(
         options = sorted(per_step[step], key=lambda o: (order[o["kind"]], o["node"]))
         sources[rank] = options[0]
     kinds = sorted({s["kind"] for s in sources.values()})
-    return Plan(step, sources, f"newest step with every rank available: {step} (from {', '.join(kinds)})")
+    return Plan(
+        step, sources, f"newest step with every rank available: {step} (from {', '.join(kinds)})"
+    )

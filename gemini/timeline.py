@@ -14,8 +14,9 @@ def draw_timeline(recoveries: list[dict[str, Any]], path: Path, cfg: GeminiConfi
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import socket
+
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * len(recoveries)))
     colors = plt.get_cmap("tab10")

@@ -55,7 +55,10 @@ def _experiment_id(mlflow: Any, name: str) -> str:
 def git_sha() -> str:
     try:
         out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -111,8 +114,12 @@ class MultirunParentCallback(Callback):
         run = client.create_run(
             exp_id,
             run_name=f"sweep {sweep_dir.name}",
-            tags={"kind": "multirun", "sweep_dir": str(sweep_dir), "overrides": " ".join(overrides),
-                  **host_tags(cfg)},
+            tags={
+                "kind": "multirun",
+                "sweep_dir": str(sweep_dir),
+                "overrides": " ".join(overrides),
+                **host_tags(cfg),
+            },
         )
         self.run_id = run.info.run_id
         (sweep_dir / PARENT_FILE).write_text(f"{self.run_id}\n{self.uri}\n")
@@ -182,5 +189,7 @@ def record_job(
             client.log_artifact(rid, str(path))
     for fig in sorted(job_dir.glob("*.png")):
         client.log_artifact(rid, str(fig))
-    client.set_terminated(rid, status="FINISHED" if summary.get("outcome") == "completed" else "FAILED")
+    client.set_terminated(
+        rid, status="FINISHED" if summary.get("outcome") == "completed" else "FAILED"
+    )
     return str(rid)

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 class AgentServices:
     """Nothing to host: the default for backends without node-side state."""
 
-    def __init__(self, job: JobSpec | None = None, node: int = 0, store: Store | None = None) -> None:
+    def __init__(
+        self, job: JobSpec | None = None, node: int = 0, store: Store | None = None
+    ) -> None:
         self.job, self.node, self.store = job, node, store
         self.answered = store.counter("inv/req") if store is not None else 0
 
@@ -104,7 +106,9 @@ class MemoryServices(AgentServices):
             kind = "local" if self.rank_node[rank] == self.node else "replica"
             name = shm_name(self.job.run_id, self.node, rank, kind)
             t0 = time.perf_counter()
-            self.sets[rank] = SlotSet.create(name, int(size["data"]), int(size["manifest"]), touch=True)
+            self.sets[rank] = SlotSet.create(
+                name, int(size["data"]), int(size["manifest"]), touch=True
+            )
             if self.incarnation is None:
                 self.incarnation = self.store.get_json(f"agent/node{self.node}")["incarnation"]
             self.store.set_json(

@@ -106,7 +106,9 @@ class CheckpointBackend(ABC):
         if self._closed:
             raise CheckpointError(f"{self.name}: snapshot after close")
         if self._pending is not None:
-            raise CheckpointError(f"{self.name}: snapshot of step {step} while step {self._pending.step} is in flight")
+            raise CheckpointError(
+                f"{self.name}: snapshot of step {step} while step {self._pending.step} is in flight"
+            )
         t0 = time.perf_counter()
         timing = SnapshotTiming(step=step)
         self._snapshot(step, state, timing)

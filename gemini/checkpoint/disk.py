@@ -36,6 +36,7 @@ the shared filesystem; on a cluster ``backend.path`` is the real mount.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -63,6 +64,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DiskBackend",
     "DiskStore",
+    "decode_manifest",
+    "encode_manifest",
     "storage_complete_steps",
     "storage_root",
 ]
@@ -70,9 +73,10 @@ __all__ = [
 PERSIST_MODES = ("blocking", "background")
 
 _STEP_RE = re.compile(r"step_(\d{8})")
-# Unthrottled I/O goes in large pieces (fewer syscalls, no copies: slices of
-# a memoryview); the kernel caps one write at just under 2 GiB anyway.
-_IO_CHUNK = 64 << 20
+# Unthrottled I/O goes in pieces of this size: large enough that syscalls
+# are noise, small enough that write-back of one piece overlaps copying the
+# next (see _Writeback) and the page cache holds only a few pieces at a time.
+_IO_CHUNK = 16 << 20
 # Throttled I/O goes in pieces of about this many seconds at the cap, so the
 # achieved rate follows the cap smoothly instead of in bursts.
 _PACE_SLICE_S = 0.01
@@ -94,7 +98,7 @@ def _flat_view(data: DataBuffer, *, writable: bool = False) -> memoryview:
     if isinstance(data, torch.Tensor):
         if data.device.type != "cpu" or not data.is_contiguous():
             raise CheckpointError("disk: a buffer tensor must be a contiguous CPU tensor")
-        arr: Any = data.detach().view(torch.uint8).reshape(-1).numpy()
+        arr: Any = data.detach().reshape(-1).view(torch.uint8).numpy()
         mv = memoryview(arr)
     else:
         mv = memoryview(data)
@@ -113,11 +117,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _drop_cache(fd: int) -> None:
+def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
     # Without this a read right after a write is served from the page cache
     # at memory speed, and recovery-from-storage times would be fiction.
     with contextlib.suppress(OSError, AttributeError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux; the os module lacks it), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _Writeback:
+    """Streams a file to storage piece by piece while it is being written.
+
+    After each piece is written its write-back is started at once; the
+    previous piece is then waited for and (with ``drop``) evicted. Copying
+    piece k into the page cache thus overlaps the device writing piece k-1,
+    the final fsync finds almost nothing left to flush, and the few page-cache
+    pages in use are recycled warm instead of a whole checkpoint's worth being
+    faulted in fresh. On this 2-core VM, 512 MiB (benchmarks/disk.py, medians
+    of 7): 0.27 s against 0.30-0.32 s for one big write + fsync, whose times
+    also scatter far more (0.27-1.1 s under load). Durability still comes from
+    the final fsync, so where ``sync_file_range`` is missing or refused (some
+    network filesystems) streaming is simply switched off.
+    """
+
+    def __init__(self, fd: int, *, drop: bool) -> None:
+        self.fd, self.drop = fd, drop
+        self.enabled = _SYNC_FILE_RANGE is not None
+        self.prev: tuple[int, int] | None = None
+
+    def _call(self, offset: int, length: int, flags: int) -> bool:
+        if _SYNC_FILE_RANGE(self.fd, offset, length, flags) != 0:
+            self.enabled = False
+        return self.enabled
+
+    def wrote(self, offset: int, length: int) -> None:
+        if not self.enabled or length == 0 or not self._call(offset, length, _SFR_WRITE):
+            return
+        if self.prev is not None:
+            p_off, p_len = self.prev
+            if not self._call(p_off, p_len, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER):
+                return
+            if self.drop:
+                _drop_cache(self.fd, p_off, p_len)
+        self.prev = (offset, length)
 
 
 class _Pacer:
@@ -283,9 +339,11 @@ class DiskStore:
         chunk = pacer.chunk if pacer else _IO_CHUNK
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
+            writeback = _Writeback(fd, drop=self.drop_cache)
             off, n = 0, mv.nbytes
             while off < n:
                 k = os.write(fd, mv[off : off + chunk])
+                writeback.wrote(off, k)
                 off += k
                 if pacer:
                     pacer.advance(k)
@@ -358,13 +416,13 @@ class DiskStore:
                 k = f.readinto(view[off : off + chunk])
                 if not k:
                     raise fmt.FormatError(f"{path}: ended after {off} of {n} bytes")
+                if self.drop_cache:
+                    # The bytes now live in the caller's buffer; a second copy
+                    # in the page cache only competes with training for RAM.
+                    _drop_cache(f.fileno(), off, k)
                 off += k
                 if pacer:
                     pacer.advance(k)
-            if self.drop_cache:
-                # The bytes now live in the caller's buffer; a second copy in
-                # the page cache only competes with training for RAM.
-                _drop_cache(f.fileno())
         try:
             fmt.verify(view, manifest)
         except fmt.ChecksumError as e:
@@ -433,6 +491,9 @@ class DiskStore:
                 continue
             shutil.rmtree(trash, ignore_errors=True)
             removed.append(step)
+        # Leftovers of a pruner that died mid-delete: already out of every listing.
+        for stale in self.run_dir.glob(".trash-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return removed
 
     def check_config(self, config_hash: str, step: int, rank: int) -> None:
@@ -448,7 +509,7 @@ class DiskStore:
 
 def storage_complete_steps(
     job_config: dict[str, Any],
-    job_dir: str,
+    job_dir: str | Path,
     run_id: str,
     world_size: int,
     *,

@@ -98,7 +98,8 @@ def check_shm_budget(cfg: GeminiConfig) -> None:
         raise ConfigError(
             key,
             value,
-            f"the slots need {need / 2**30:.1f} GiB of /dev/shm ({world} ranks x {m} copies x 2 slots x "
+            f"the slots need {need / 2**30:.1f} GiB of /dev/shm "
+            f"({world} ranks x {m} copies x 2 slots x "
             f"{per_rank / 2**20:.0f} MiB) but {available / 2**30:.1f} GiB is available: lower "
             "backend.replication.factor, or use a smaller model or fewer ranks",
         )
@@ -144,7 +145,9 @@ class MemoryBackend(CheckpointBackend):
                     touch = max(touch, float(ready.get("touch_s", 0.0)))
                     break
                 if time.monotonic() > deadline:
-                    raise CheckpointError(f"node {n} did not allocate slots for rank {self.ctx.rank}")
+                    raise CheckpointError(
+                        f"node {n} did not allocate slots for rank {self.ctx.rank}"
+                    )
                 time.sleep(0.02)
         name = shm_name(self.ctx.job.run_id, self.ctx.node, self.ctx.rank, "local")
         self.slots = SlotSet.open(name, populate=True)
@@ -164,8 +167,10 @@ class MemoryBackend(CheckpointBackend):
             self._persist_thread.join()
             self._persist_thread = None
         idx = self.slots.begin_write(step)
-        kill_midway = self._arm is not None and int(self._arm["step"]) == step and not self.store.exists(
-            f"inject/fired/{self._arm['id']}"
+        kill_midway = (
+            self._arm is not None
+            and int(self._arm["step"]) == step
+            and not self.store.exists(f"inject/fired/{self._arm['id']}")
         )
         self._error = None
         self._thread = threading.Thread(
@@ -174,8 +179,13 @@ class MemoryBackend(CheckpointBackend):
         self._thread.start()
 
     def _copy(
-        self, idx: int, step: int, tensors: dict[str, torch.Tensor], extra: dict[str, Any],
-        timing: SnapshotTiming, kill_midway: bool,
+        self,
+        idx: int,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        extra: dict[str, Any],
+        timing: SnapshotTiming,
+        kill_midway: bool,
     ) -> None:
         try:
             assert self.slots is not None
@@ -186,9 +196,15 @@ class MemoryBackend(CheckpointBackend):
                 self._die_midway(tensors, entries, dst, step)
             fmt.write_state(tensors, entries, dst)
             manifest = fmt.Manifest(
-                step=step, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                config_hash=self.ctx.config_hash, tensors=entries, data_nbytes=nbytes,
-                chunk_bytes=self.chunk, checksums=fmt.checksum(dst, nbytes, self.chunk), extra=extra,
+                step=step,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                config_hash=self.ctx.config_hash,
+                tensors=entries,
+                data_nbytes=nbytes,
+                chunk_bytes=self.chunk,
+                checksums=fmt.checksum(dst, nbytes, self.chunk),
+                extra=extra,
             )
             self.slots.commit(idx, manifest)
             timing.local_s = time.perf_counter() - t0
@@ -197,20 +213,33 @@ class MemoryBackend(CheckpointBackend):
         except BaseException as e:  # re-raised in the training thread by _wait
             self._error = e
 
-    def _die_midway(self, tensors: dict[str, torch.Tensor], entries: list[fmt.TensorEntry],
-                    dst: torch.Tensor, step: int) -> None:
+    def _die_midway(
+        self,
+        tensors: dict[str, torch.Tensor],
+        entries: list[fmt.TensorEntry],
+        dst: torch.Tensor,
+        step: int,
+    ) -> None:
         """kill_during_snapshot: copy half the state, then die as a SIGKILL would."""
         half = dict(list(tensors.items())[: max(1, len(tensors) // 2)])
         fmt.write_state(half, entries[: len(half)], dst)
         arm = self._arm or {}
-        self.store.push("inject", {**arm, "t": time.time(), "step": step,
-                                   "what": f"kill during the snapshot of step {step}"})
+        self.store.push(
+            "inject",
+            {
+                **arm,
+                "t": time.time(),
+                "step": step,
+                "what": f"kill during the snapshot of step {step}",
+            },
+        )
         self.store.set(f"inject/fired/{arm.get('id')}", "1")
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
-        if self._disk is not None and persist_due(self._last_persist, time.monotonic(),
-                                                  self.cfg.backend.persist_every_s):
+        if self._disk is not None and persist_due(
+            self._last_persist, time.monotonic(), self.cfg.backend.persist_every_s
+        ):
             self._last_persist = time.monotonic()
             self._persist_slot = idx
             self._persist_thread = threading.Thread(
@@ -222,8 +251,12 @@ class MemoryBackend(CheckpointBackend):
         """Gemini's last resort: the committed slot, written through the disk backend."""
         assert self.slots is not None and self._disk is not None
         try:
-            self._disk.write(self.ctx.rank, manifest.step, manifest,
-                             self.slots.data_view(idx)[: manifest.data_nbytes])
+            self._disk.write(
+                self.ctx.rank,
+                manifest.step,
+                manifest,
+                self.slots.data_view(idx)[: manifest.data_nbytes],
+            )
             if self.ctx.rank == 0:
                 self._disk.prune(self.ctx.world_size)
         except Exception as e:  # the in-memory copies remain; report, don't stop training
@@ -235,7 +268,9 @@ class MemoryBackend(CheckpointBackend):
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise CheckpointError(f"{self.name}: snapshot of step {timing.step} failed: {err}") from err
+            raise CheckpointError(
+                f"{self.name}: snapshot of step {timing.step} failed: {err}"
+            ) from err
 
     def _complete_steps(self) -> list[int]:
         return [s for s, _ in self.slots.complete_steps()] if self.slots else []
@@ -308,7 +343,9 @@ class ReplicatedBackend(MemoryBackend):
         data = self.slots.data_view(idx)[: manifest.data_nbytes]
         for h in self.holders:
             client = self.clients.get(h) or self.clients.setdefault(h, self._client(h))
-            client.put(self.ctx.rank, manifest.step, raw, data, chunk_bytes=max(self.chunk, 8 << 20))
+            client.put(
+                self.ctx.rank, manifest.step, raw, data, chunk_bytes=max(self.chunk, 8 << 20)
+            )
         timing.replicate_s = time.perf_counter() - t0
         super()._after_commit(idx, manifest, timing)
 
@@ -325,5 +362,9 @@ def _disk_store(ctx: BackendContext) -> DiskStore:
     from gemini.checkpoint.preflight import disk_root
 
     b = ctx.job.cfg.backend
-    return DiskStore(disk_root(ctx.job.cfg, Path(ctx.job.job_dir)), ctx.job.run_id,
-                     bandwidth_gbps=b.bandwidth_gbps, keep_last=b.keep_last)
+    return DiskStore(
+        disk_root(ctx.job.cfg, Path(ctx.job.job_dir)),
+        ctx.job.run_id,
+        bandwidth_gbps=b.bandwidth_gbps,
+        keep_last=b.keep_last,
+    )

@@ -28,7 +28,11 @@ def preflight(cfg: GeminiConfig, job_dir: Path) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise ConfigError("backend.path", str(root), f"is not writable ({e.strerror}): choose a writable directory") from e
+            raise ConfigError(
+                "backend.path",
+                str(root),
+                f"is not writable ({e.strerror}): choose a writable directory",
+            ) from e
     if b.name in ("memory", "replicated"):
         from gemini.checkpoint.memory import check_shm_budget
 

@@ -70,6 +70,9 @@ class WorkerAgent:
         self.root_hb, self.root_seen = -1, time.monotonic()
         self.peer_hb: dict[int, tuple[int, float]] = {}
         self.root_proc: subprocess.Popen[bytes] | None = None
+        self.spares: dict[int, subprocess.Popen[bytes]] = {}
+        self.launched_at = time.monotonic()
+        self.use_spares = self.cfg.cluster.warm_spares
 
     def start_services(self) -> dict[str, Any]:
         """The node's checkpoint services; their address goes into the registration."""
@@ -103,8 +106,11 @@ class WorkerAgent:
                 if self.services is not None:
                     self.services.tick()
                 self.watch_root()
+                if self.use_spares:
+                    self.keep_spares()
                 time.sleep(0.05)
         finally:
+            self.close_spares()
             self.stop_trainers()
             if self.root_proc is not None and self.root_proc.poll() is None:
                 # The elected root finishes the job's bookkeeping on its own.
@@ -115,14 +121,60 @@ class WorkerAgent:
                 self.services.close()
         return 0
 
+    def trainer_args(self, local: int, rank: int) -> list[str]:
+        return [
+            "--job",
+            str(Path(self.job.job_dir) / "job.json"),
+            "--node",
+            str(self.node),
+            "--rank",
+            str(rank),
+            "--local-rank",
+            str(local),
+        ]
+
     def launch(self, gen: int) -> None:
+        """Start generation ``gen``'s ranks, on warm spares where there are some."""
         self.gen = gen
         self.reported = set()
+        self.launched_at = time.monotonic()
         for local, rank in enumerate(self.ranks):
-            args = ["--job", str(Path(self.job.job_dir) / "job.json"), "--node", str(self.node),
-                    "--rank", str(rank), "--local-rank", str(local), "--gen", str(gen)]
+            spare = self.spares.pop(rank, None)
+            if spare is not None and spare.poll() is None and spare.stdin is not None:
+                try:
+                    spare.stdin.write(f"{gen}\n".encode())
+                    spare.stdin.close()
+                    self.trainers[rank] = spare
+                    continue
+                except OSError:
+                    pass
             log = self.log_dir / f"rank{rank}.log"
+            args = [*self.trainer_args(local, rank), "--gen", str(gen)]
             self.trainers[rank] = spawn_module("gemini.workload.trainer", args, log_path=log)
+
+    def keep_spares(self) -> None:
+        """One warm spare per local rank, started once a generation is under way.
+
+        Waiting a few seconds keeps the spares' imports off the critical path of
+        the generation's own start-up on a machine with few cores.
+        """
+        if self.gen == 0 or time.monotonic() - self.launched_at < 5.0:
+            return
+        for local, rank in enumerate(self.ranks):
+            spare = self.spares.get(rank)
+            if spare is None or spare.poll() is not None:
+                self.spares[rank] = spawn_module(
+                    "gemini.workload.trainer",
+                    [*self.trainer_args(local, rank), "--standby"],
+                    log_path=self.log_dir / f"rank{rank}.log",
+                    stdin_pipe=True,
+                )
+
+    def close_spares(self) -> None:
+        for spare in self.spares.values():
+            if spare.poll() is None:
+                terminate_tree(spare.pid, grace_s=1.0)
+        self.spares = {}
 
     def poll_trainers(self) -> None:
         for rank, proc in list(self.trainers.items()):
@@ -173,9 +225,12 @@ class WorkerAgent:
         if got.decode() != me:
             return
         self.store.incr("root/epoch")
-        self.store.set_json("root/elected", {"node": self.node, "epoch": epoch + 1, "t": time.time()})
+        self.store.set_json(
+            "root/elected", {"node": self.node, "epoch": epoch + 1, "t": time.time()}
+        )
         self.root_proc = spawn_module(
-            "gemini.cluster.root", ["--job", str(Path(self.job.job_dir) / "job.json")],
+            "gemini.cluster.root",
+            ["--job", str(Path(self.job.job_dir) / "job.json")],
             log_path=self.log_dir / f"root-epoch{epoch + 1}.log",
         )
 

@@ -8,6 +8,7 @@ transport peers sits beside it in a file only the owner can read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -77,6 +78,7 @@ def spawn_module(
     log_path: Path,
     env: dict[str, str] | None = None,
     new_session: bool = False,
+    stdin_pipe: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m module args`` with output to a log file.
 
@@ -93,7 +95,7 @@ def spawn_module(
             [sys.executable, "-m", module, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             env=full_env,
             start_new_session=new_session,
         )
@@ -109,10 +111,8 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 5.0) -> No
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=timeout_s)
 
 
@@ -124,16 +124,12 @@ def terminate_tree(pid: int, grace_s: float = 3.0) -> None:
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=grace_s)
 
 

@@ -9,6 +9,7 @@ hardware failure's "replace the machine" happens here.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -35,8 +36,11 @@ class LocalCluster:
 
     def start(self) -> None:
         self.root = spawn_module(
-            "gemini.cluster.root", ["--job", self.job_path], log_path=self.log_dir / "root.log",
-            new_session=True, env=self.env,
+            "gemini.cluster.root",
+            ["--job", self.job_path],
+            log_path=self.log_dir / "root.log",
+            new_session=True,
+            env=self.env,
         )
         self.store.set_json("root/pid", {"pid": self.root.pid})
         for n in range(self.job.cfg.cluster.nodes):
@@ -82,10 +86,8 @@ class LocalCluster:
 
     def teardown(self) -> None:
         """Stop everything this job started, and free its shared memory."""
-        try:
+        with contextlib.suppress(Exception):
             self.store.set("ctl/abort", "1")
-        except Exception:
-            pass
         procs = [p for p in [self.root, *self.nodes.values()] if p is not None]
         for p in procs:
             if p.poll() is None:
@@ -99,9 +101,7 @@ class LocalCluster:
         # killed) were re-parented away from us: find them by the run's env.
         leftovers = run_processes(self.job.run_id)
         for proc in leftovers:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(leftovers, timeout=5)
         unlink_prefix(f"gemini-{self.job.run_id}-")

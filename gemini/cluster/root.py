@@ -26,7 +26,7 @@ from typing import Any
 from gemini.cluster.agent import Heartbeat
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
-from gemini.recovery import Plan, plan_recovery
+from gemini.recovery import plan_recovery
 
 
 @dataclass
@@ -81,8 +81,11 @@ class RootAgent:
 
     def progress(self) -> int:
         return max(
-            (int(self.store.raw.get(f"progress/{r}")) for r in range(self.world)
-             if self.store.exists(f"progress/{r}")),
+            (
+                int(self.store.raw.get(f"progress/{r}"))
+                for r in range(self.world)
+                if self.store.exists(f"progress/{r}")
+            ),
             default=0,
         )
 
@@ -124,19 +127,37 @@ class RootAgent:
         lost = [rec for _, rec in injected if rec.get("kind") == "root_loss"]
         if injected:
             self.inject_seen = injected[-1][0]
-            self.store.incr("root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen"))
+            self.store.incr(
+                "root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen")
+            )
         t_inject = float(lost[0]["t"]) if lost else float(elected.get("t", now))
         t_elected = float(elected.get("t", now))
-        self.log(f"elected by node {elected.get('node')} (epoch {elected.get('epoch')}); carrying on")
+        self.log(
+            f"elected by node {elected.get('node')} (epoch {elected.get('epoch')}); carrying on"
+        )
         step = self.progress()
-        self.store.push("recovery", {
-            "kind": "root_loss", "failed": "root agent", "failed_step": step, "restored_step": step,
-            "t_inject": t_inject, "detect_s": t_elected - t_inject, "teardown_s": 0.0,
-            "restart_s": now - t_elected, "rendezvous_s": 0.0, "retrieve_s": 0.0, "load_s": 0.0,
-            "replay_s": 0.0, "recovery_s": now - t_inject, "lost_steps": 0,
-            "reason": f"root re-elected on node {elected.get('node')}; training carried on",
-            "source_counts": {}, "t_back": now,
-        })
+        self.store.push(
+            "recovery",
+            {
+                "kind": "root_loss",
+                "failed": "root agent",
+                "failed_step": step,
+                "restored_step": step,
+                "t_inject": t_inject,
+                "detect_s": t_elected - t_inject,
+                "teardown_s": 0.0,
+                "restart_s": now - t_elected,
+                "rendezvous_s": 0.0,
+                "retrieve_s": 0.0,
+                "load_s": 0.0,
+                "replay_s": 0.0,
+                "recovery_s": now - t_inject,
+                "lost_steps": 0,
+                "reason": f"root re-elected on node {elected.get('node')}; training carried on",
+                "source_counts": {},
+                "t_back": now,
+            },
+        )
 
     def monitor(self) -> int:
         suspicious_since: float | None = None
@@ -146,8 +167,10 @@ class RootAgent:
             self.refresh_liveness()
             exits = self.exits(self.gen)
             finals = [r for r in range(self.world) if self.store.exists(f"final/{self.gen}/{r}")]
-            if len(finals) == self.world and len(exits) == self.world and all(
-                e["code"] == 0 for e in exits.values()
+            if (
+                len(finals) == self.world
+                and len(exits) == self.world
+                and all(e["code"] == 0 for e in exits.values())
             ):
                 self.check_replayed()
                 self.finish("completed")
@@ -179,7 +202,9 @@ class RootAgent:
 
     def replace(self, nodes: list[int], timeout_s: float = 120.0) -> None:
         """Ask the launcher for fresh nodes (empty memory) and wait for their agents."""
-        before = {n: self.store.get_json_or(f"agent/node{n}", {}).get("incarnation", 0) for n in nodes}
+        before = {
+            n: self.store.get_json_or(f"agent/node{n}", {}).get("incarnation", 0) for n in nodes
+        }
         for n in nodes:
             self.store.push("spawn", {"node": n, "t": time.time()})
         deadline = time.monotonic() + timeout_s
@@ -210,19 +235,30 @@ class RootAgent:
         if b.name != "disk" and not (b.name in ("memory", "replicated") and b.persist_every_s > 0):
             return []
         from gemini.checkpoint.disk import storage_complete_steps
+        from gemini.config import config_hash
 
-        return storage_complete_steps(self.job.config, self.job.job_dir, self.job.run_id, self.world)
+        return storage_complete_steps(
+            self.job.config,
+            self.job.job_dir,
+            self.job.run_id,
+            self.world,
+            config_hash=config_hash(self.cfg),
+        )
 
     def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
         t_detect = time.time()
         injected = self.store.items("inject", self.inject_seen + 1)
         if injected:
             self.inject_seen = injected[-1][0]
-            self.store.incr("root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen"))
+            self.store.incr(
+                "root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen")
+            )
         t_inject = min((rec["t"] for _, rec in injected), default=t_detect)
         kind = "hardware" if dead else "software"
         failed_step = self.progress()
-        self.log(f"failure: {kind}; dead nodes {dead}, failed ranks {ranks}; job at step {failed_step}")
+        self.log(
+            f"failure: {kind}; dead nodes {dead}, failed ranks {ranks}; job at step {failed_step}"
+        )
         pending = self.store.get_json_or("root/pending")
         if pending is not None:
             # A failure during the previous recovery's replay ends that record early.
@@ -230,9 +266,14 @@ class RootAgent:
             self.store.push("recovery", pending)
             self.store.set_json("root/pending", None)
         rec: dict[str, Any] = {
-            "kind": kind, "failed": f"nodes {dead}" if dead else f"ranks {ranks}",
-            "dead_nodes": dead, "failed_ranks": ranks, "failed_step": failed_step,
-            "t_inject": t_inject, "t_detect": t_detect, "detect_s": t_detect - t_inject,
+            "kind": kind,
+            "failed": f"nodes {dead}" if dead else f"ranks {ranks}",
+            "dead_nodes": dead,
+            "failed_ranks": ranks,
+            "failed_step": failed_step,
+            "t_inject": t_inject,
+            "t_detect": t_detect,
+            "detect_s": t_detect - t_inject,
             "injected": [r for _, r in injected],
         }
         # Teardown: stop every trainer of the generation on the live nodes.
@@ -247,12 +288,16 @@ class RootAgent:
         t_replaced = time.time()
         rec["replace_s"] = t_replaced - t_torn
         excluded: list[tuple[int, int, str, int]] = []
-        for attempt in range(3):
+        for _attempt in range(3):
             memory = self.inventory()
             plan = plan_recovery(self.rank_node, memory, self.storage_steps(), excluded)
-            rec.update(restored_step=plan.step, reason=plan.reason, source_counts=plan.source_counts(),
-                       sources={str(r): s for r, s in plan.sources.items()},
-                       lost_steps=max(0, failed_step - plan.step))
+            rec.update(
+                restored_step=plan.step,
+                reason=plan.reason,
+                source_counts=plan.source_counts(),
+                sources={str(r): s for r, s in plan.sources.items()},
+                lost_steps=max(0, failed_step - plan.step),
+            )
             self.log(f"plan: {plan.reason}; sources {plan.source_counts()}")
             t_launch = time.time()
             gen = self.launch({**plan.to_json(), "replay_until": failed_step})
@@ -260,7 +305,7 @@ class RootAgent:
             if ok:
                 break
             # A source failed its checksum at retrieval: skip it and re-plan.
-            for r, e in self.exits(gen).items():
+            for r in self.exits(gen):
                 src = plan.sources.get(r, {})
                 excluded.append((r, plan.step, src.get("kind", ""), int(src.get("node", -1))))
             self.store.set(f"ctl/stop/{gen}", "1")
@@ -271,7 +316,9 @@ class RootAgent:
             rec[phase] = max(vals) if vals else 0.0
         rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())
         rec["rank_sources"] = {str(r): v.get("source", "scratch") for r, v in readies.items()}
-        rec["restart_s"] = max(0.0, (t_ready - t_torn) - rec["rendezvous_s"] - rec["retrieve_s"] - rec["load_s"])
+        rec["restart_s"] = max(
+            0.0, (t_ready - t_torn) - rec["rendezvous_s"] - rec["retrieve_s"] - rec["load_s"]
+        )
         rec["t_ready"] = t_ready
         rec["t_launch"] = t_launch
         self.store.set_json("root/pending", rec)
@@ -280,8 +327,11 @@ class RootAgent:
         """Wait until every rank of ``gen`` restored; False if one died trying."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            readies = {r: self.store.get_json(f"ready/{gen}/{r}") for r in range(self.world)
-                       if self.store.exists(f"ready/{gen}/{r}")}
+            readies = {
+                r: self.store.get_json(f"ready/{gen}/{r}")
+                for r in range(self.world)
+                if self.store.exists(f"ready/{gen}/{r}")
+            }
             if len(readies) == self.world:
                 return True, readies
             failed = [r for r, e in self.exits(gen).items() if e["code"] != 0]
@@ -297,9 +347,10 @@ class RootAgent:
         if rec is None:
             return
         target = min(int(rec["failed_step"]), self.cfg.train.steps)
-        done = all(
-            self.store.exists(f"final/{self.gen}/{r}") for r in range(self.world)
-        ) or self.min_progress() >= target
+        done = (
+            all(self.store.exists(f"final/{self.gen}/{r}") for r in range(self.world))
+            or self.min_progress() >= target
+        )
         if not done:
             return
         t_back = time.time()
@@ -311,8 +362,10 @@ class RootAgent:
         self.log(f"recovered: back at step {target} {rec['recovery_s']:.2f} s after the failure")
 
     def min_progress(self) -> int:
-        vals = [int(self.store.raw.get(f"progress/{r}")) if self.store.exists(f"progress/{r}") else 0
-                for r in range(self.world)]
+        vals = [
+            int(self.store.raw.get(f"progress/{r}")) if self.store.exists(f"progress/{r}") else 0
+            for r in range(self.world)
+        ]
         return min(vals)
 
     def finish(self, status: str) -> None:
@@ -329,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return root.run()
     except Exception as e:  # the controller reads the reason from the store
-        root.store.set_json("root/result", {"status": "error", "reason": f"{type(e).__name__}: {e}"})
+        root.store.set_json(
+            "root/result", {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+        )
         raise
 
 

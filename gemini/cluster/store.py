@@ -44,7 +44,9 @@ import torch.distributed as dist
 class Store:
     """A thin, typed client over TCPStore with JSON helpers."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 60.0, *, master: bool = False) -> None:
+    def __init__(
+        self, host: str, port: int, timeout_s: float = 60.0, *, master: bool = False
+    ) -> None:
         self.host, self.timeout_s = host, timeout_s
         self.raw = dist.TCPStore(
             host,
@@ -64,7 +66,7 @@ class Store:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def set(self, key: str, value: str | bytes) -> None:
+    def set(self, key: str, value: str) -> None:
         self.raw.set(key, value)
 
     def set_json(self, key: str, value: Any) -> None:
@@ -87,7 +89,11 @@ class Store:
         return int(self.raw.add(key, by))
 
     def append_json(self, key: str, record: Any) -> None:
-        self.raw.append(key, json.dumps(record) + "\n")
+        self.append(key, json.dumps(record) + "\n")
+
+    def append(self, key: str, text: str) -> None:
+        # TCPStore.append exists at run time (torch >= 2.1) but not in the stubs.
+        self.raw.append(key, text)  # type: ignore[attr-defined]
 
     def read_lines(self, key: str) -> list[Any]:
         if not self.exists(key):
@@ -112,7 +118,7 @@ class Store:
         return out
 
     def wait_for(self, key: str, timeout_s: float, poll_s: float = 0.05) -> bool:
-        """Poll for a key (TCPStore.wait raises on timeout; polling lets callers stay responsive)."""
+        """Poll for a key (TCPStore.wait raises on timeout; polling keeps callers responsive)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.exists(key):

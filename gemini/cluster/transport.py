@@ -104,6 +104,9 @@ _COALESCE_BYTES = 64 << 10
 _AUTH_LABEL = b"gemini-transport/1 "
 
 _T = TypeVar("_T")
+# What a blocked send/recv raises when its timeout expires: TimeoutError under
+# Python's settimeout, EAGAIN (BlockingIOError) under SO_RCVTIMEO/SO_SNDTIMEO.
+_TIMEOUTS = (TimeoutError, BlockingIOError)
 
 
 class FrameType(enum.IntEnum):
@@ -406,6 +409,24 @@ def _byte_view(buf: Any, *, writable: bool, what: str) -> memoryview:
     return view
 
 
+def _set_timeout(sock: socket.socket, seconds: float | None) -> None:
+    """Bound how long one send or receive may block without progress.
+
+    Kernel-side SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket, not
+    ``settimeout``: Python implements the latter with a poll() before every
+    recv/send, which costs measurable CPU at GB/s. A timeout then surfaces as
+    BlockingIOError (see ``_TIMEOUTS``).
+    """
+    sock.settimeout(None)
+    usec = 0 if seconds is None else max(1, round(seconds * 1e6))
+    timeval = struct.pack("ll", usec // 1_000_000, usec % 1_000_000)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except OSError:  # a platform without them: fall back to Python's timeout
+        sock.settimeout(seconds)
+
+
 def _tune(sock: socket.socket) -> None:
     # Frames are sent whole; Nagle would only delay the small control replies.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -442,6 +463,7 @@ def _recv_data(
     ``progress[0]`` tracks bytes received, for error messages.
     """
     total, received, chunk, bad = dest.nbytes, 0, 0, None
+    hasher = xxhash.xxh3_64()
     while received < total:
         header = _recv_header(sock, header_buf)
         assert header is not None
@@ -456,14 +478,22 @@ def _recv_data(
             raise TransportError(
                 f"DATA frame of {length} bytes with {total - received} bytes left to receive"
             )
-        part = dest[received : received + length]
-        got = _recv_exact_into(sock, part)
-        progress[0] = received + got
-        if got < length:
-            raise TransportError(
-                f"peer closed mid-transfer after {received + got} of {total} bytes"
-            )
-        if bad is None and checksum(part) != csum:
+        # Hash each piece as it lands, while it is still in cache, instead of
+        # re-reading the whole chunk afterwards. Skipped once a chunk failed:
+        # the rest is only drained.
+        hasher.reset()
+        got = 0
+        while got < length:
+            n = sock.recv_into(dest[received + got : received + length], length - got)
+            if n == 0:
+                raise TransportError(
+                    f"peer closed mid-transfer after {received + got} of {total} bytes"
+                )
+            if bad is None:
+                hasher.update(dest[received + got : received + got + n])
+            got += n
+            progress[0] = received + got
+        if bad is None and hasher.intdigest() != csum:
             bad = chunk
         received += length
         chunk += 1
@@ -632,15 +662,15 @@ class TransportServer:
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             _tune(conn)
-            conn.settimeout(self._io_timeout_s)
+            _set_timeout(conn, self._io_timeout_s)
             server_handshake(conn, self._secret)
             header_buf = bytearray(HEADER.size)
             while not self._stop.is_set():
-                conn.settimeout(self._idle_timeout_s)
+                _set_timeout(conn, self._idle_timeout_s)
                 header = _recv_header(conn, header_buf, eof_ok=True)
                 if header is None:
                     break
-                conn.settimeout(self._io_timeout_s)
+                _set_timeout(conn, self._io_timeout_s)
                 ftype, length, csum = header
                 if ftype not in (FrameType.PUT_BEGIN, FrameType.GET, FrameType.LIST):
                     raise TransportError(f"unexpected {ftype.name} frame between requests")
@@ -660,12 +690,14 @@ class TransportServer:
                 log.warning(
                     "transport server %d: closing connection from %s: %s", self.port, peer, e
                 )
-        except TimeoutError:
+        except _TIMEOUTS:
             log.warning(
-                "transport server %d: closing connection from %s: no progress for %.1fs",
+                "transport server %d: closing connection from %s: no progress within the "
+                "timeout (io %.1fs, idle %s)",
                 self.port,
                 peer,
-                conn.gettimeout(),
+                self._io_timeout_s,
+                self._idle_timeout_s,
             )
         except OSError as e:
             if not self._stop.is_set():
@@ -732,7 +764,7 @@ class TransportServer:
                         f"manifest of {len(manifest)} bytes, announced {manifest_len}"
                     )
                 bad = _recv_data(conn, dest[:data_len], header_buf, progress)
-            except TimeoutError:
+            except _TIMEOUTS:
                 raise TransportError(
                     f"put of {what} failed: peer stalled for {self._io_timeout_s}s mid-transfer "
                     f"after {progress[0]} of {data_len} bytes"
@@ -877,6 +909,7 @@ class TransportClient:
                 _tune(sock)  # before connect, so the window scale can use the buffers
                 sock.settimeout(self._timeout_s)
                 sock.connect(addr)
+                _set_timeout(sock, self._timeout_s)
                 return sock
             except OSError as e:
                 sock.close()
@@ -890,7 +923,7 @@ class TransportClient:
         sock = self._open()
         try:
             client_handshake(sock, self._secret)
-        except TimeoutError:
+        except _TIMEOUTS:
             sock.close()
             raise TransportError(
                 f"auth failed: {self.host}:{self.port} did not answer the "
@@ -907,18 +940,13 @@ class TransportClient:
     def _peer_gone(sock: socket.socket) -> bool:
         """True if a reused connection was closed by the server (restart, idle
         timeout) or holds unexpected bytes, so a request would fail."""
-        timeout = sock.gettimeout()
         try:
-            # A socket with a timeout polls before recv even with MSG_DONTWAIT.
-            sock.settimeout(0.0)
-            sock.recv(1, socket.MSG_PEEK)
+            # Blocking socket (see _set_timeout), so MSG_DONTWAIT returns at once.
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
             return True
-        finally:
-            with contextlib.suppress(OSError):
-                sock.settimeout(timeout)
         return True  # b"" (peer closed) or stray bytes: either way start afresh
 
     def _exchange(self, what: str, fn: Callable[[socket.socket], _T]) -> _T:
@@ -931,7 +959,7 @@ class TransportClient:
             except TransportError as e:
                 self._drop()
                 raise TransportError(f"{what} with {self.host}:{self.port}: {e}") from None
-            except TimeoutError:
+            except _TIMEOUTS:
                 self._drop()
                 raise TransportError(
                     f"{what} with {self.host}:{self.port}: no progress for {self._timeout_s}s"
@@ -985,7 +1013,7 @@ class TransportClient:
             try:
                 send_frame(sock, FrameType.MANIFEST, manifest)
                 _send_data(sock, view, chunk_bytes, progress)
-            except TimeoutError:
+            except _TIMEOUTS:
                 raise TransportError(
                     f"peer stalled for {self._timeout_s}s mid-transfer after "
                     f"{progress[0]} of {total} bytes"
@@ -1056,7 +1084,7 @@ class TransportClient:
             progress = [0]
             try:
                 bad = _recv_data(sock, dest, self._header_buf, progress)
-            except TimeoutError:
+            except _TIMEOUTS:
                 raise TransportError(
                     f"peer stalled for {self._timeout_s}s mid-transfer after "
                     f"{progress[0]} of {data_len} bytes"

@@ -41,11 +41,14 @@ class SyntheticData:
         # (mlp) or a fixed next-token table (gpt), so the loss really falls.
         g = torch.Generator().manual_seed(_mix(self.seed, 0xDA7A))
         if self.model.kind == "mlp":
-            self._teacher = torch.randn(
-                self.model.input_dim, self.model.output_dim, generator=g
-            ) / self.model.input_dim**0.5
+            self._teacher = (
+                torch.randn(self.model.input_dim, self.model.output_dim, generator=g)
+                / self.model.input_dim**0.5
+            )
         else:
-            self._table = torch.randint(0, self.model.vocab_size, (self.model.vocab_size,), generator=g)
+            self._table = torch.randint(
+                0, self.model.vocab_size, (self.model.vocab_size,), generator=g
+            )
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch this rank trains on at (1-based) ``step``."""

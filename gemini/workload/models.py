@@ -7,6 +7,7 @@ position: that is what makes exact resume possible.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -23,7 +24,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [cfg.input_dim] + [cfg.hidden_dim] * cfg.depth
         layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:], strict=True):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), nn.GELU()]
         layers.append(nn.Linear(dims[-1], cfg.output_dim))
         self.net = nn.Sequential(*layers)

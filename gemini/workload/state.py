@@ -50,14 +50,20 @@ class TrainState:
         self.param_names = [n for n, _ in self.module.named_parameters()]
         distributed = dist.is_available() and dist.is_initialized()
         self.model: nn.Module = DDP(self.module) if distributed else self.module
-        opt_kw = dict(lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+        betas = (0.9, 0.95)
         self.zero = t.parallel == "zero" and distributed
         if self.zero:
             self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
-                self.params, optimizer_class=torch.optim.AdamW, **opt_kw
+                self.params,
+                optimizer_class=torch.optim.AdamW,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                betas=betas,
             )
         else:
-            self.optimizer = torch.optim.AdamW(self.params, **opt_kw)
+            self.optimizer = torch.optim.AdamW(
+                self.params, lr=t.lr, weight_decay=t.weight_decay, betas=betas
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.steps)
         )
@@ -96,13 +102,14 @@ class TrainState:
 
     # -- what a checkpoint holds --------------------------------------------
     def _local_optimizer(self) -> torch.optim.Optimizer:
-        return self.optimizer.optim if self.zero else self.optimizer  # type: ignore[attr-defined,no-any-return]
+        return self.optimizer.optim if self.zero else self.optimizer  # type: ignore[attr-defined]
 
     def _owned(self) -> list[int]:
         """Indices (into self.params) of the parameters this rank checkpoints."""
         if not self.zero:
             return list(range(len(self.params)))
-        mine = {id(p) for g in self.optimizer.partition_parameters()[self.rank] for p in g["params"]}  # type: ignore[attr-defined]
+        parts = self.optimizer.partition_parameters()  # type: ignore[attr-defined]
+        mine = {id(p) for g in parts[self.rank] for p in g["params"]}
         return [i for i, p in enumerate(self.params) if id(p) in mine]
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -139,7 +146,9 @@ class TrainState:
             if opt.state.get(p):
                 for key, val in sorted(opt.state[p].items()):
                     if isinstance(val, torch.Tensor):
-                        out[f"optim/{name}/{key}"] = torch.empty(val.shape, dtype=val.dtype, device="meta")
+                        out[f"optim/{name}/{key}"] = torch.empty(
+                            val.shape, dtype=val.dtype, device="meta"
+                        )
                 continue
             # torch.optim.AdamW's per-parameter state (amsgrad off), in sorted key order.
             out[f"optim/{name}/exp_avg"] = torch.empty(p.shape, dtype=p.dtype, device="meta")
@@ -169,7 +178,9 @@ class TrainState:
             for p in (q for g in opt.param_groups for q in g["params"]):
                 idx = next(i for i, q in enumerate(self.params) if q is p)
                 prefix = f"optim/{self.param_names[idx]}/"
-                st = {k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+                st = {
+                    k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)
+                }
                 if st:
                     opt.state[p] = st
             for i, b in enumerate(self.module.buffers()):
@@ -185,11 +196,16 @@ class TrainState:
         self.scheduler.last_epoch = int(extra["scheduler"]["last_epoch"])
         # LambdaLR applies the factor in step(); recompute the current lr now.
         for g, base, f in zip(
-            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            self.scheduler.lr_lambdas,
+            strict=True,
         ):
             g["lr"] = base * f(self.scheduler.last_epoch)
         if self.zero:
-            for g, lg in zip(self.optimizer.param_groups, self._local_optimizer().param_groups, strict=True):
+            for g, lg in zip(
+                self.optimizer.param_groups, self._local_optimizer().param_groups, strict=True
+            ):
                 lg["lr"] = g["lr"]
         rng = base64.b64decode(extra["rng_cpu"])
         torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))

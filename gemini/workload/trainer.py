@@ -22,7 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gemini.checkpoint.backend import BackendContext, CheckpointBackend, SnapshotTiming, make_backend
+from gemini.checkpoint.backend import (
+    BackendContext,
+    CheckpointBackend,
+    SnapshotTiming,
+    make_backend,
+)
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
 from gemini.config import GeminiConfig, config_hash
@@ -44,7 +49,7 @@ class Reporter:
     def _flush(self, batch: list[dict[str, Any]]) -> None:
         if not batch:
             return
-        self.store.raw.append(f"metrics/{self.rank}", "".join(_json_line(r) for r in batch))
+        self.store.append(f"metrics/{self.rank}", "".join(_json_line(r) for r in batch))
         self.store.set(f"progress/{self.rank}", str(batch[-1]["step"]))
 
     def _run(self) -> None:
@@ -108,7 +113,9 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg))
     backend: CheckpointBackend = make_backend(ctx)
     b = cfg.backend
-    cadence = make_cadence(b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s)
+    cadence = make_cadence(
+        b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s
+    )
 
     start_step = int(plan.get("start_step", 0))
     ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step}
@@ -121,8 +128,10 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
         state.load(got.tensors, got.extra)
         state.warm_up_buckets()
         ready.update(
-            retrieve_s=got.retrieve_s, load_s=time.perf_counter() - t_load,
-            source=got.source, bytes=got.bytes,
+            retrieve_s=got.retrieve_s,
+            load_s=time.perf_counter() - t_load,
+            source=got.source,
+            bytes=got.bytes,
         )
     ready["t"] = time.time()
     store.set(f"progress/{rank}", str(state.step))
@@ -140,19 +149,24 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             if backend.busy:
                 # The in-flight copy reads the parameters: it must finish
                 # before the optimizer changes them.
+                t_w = time.perf_counter()
                 timing = backend.wait()
+                stall += time.perf_counter() - t_w
             state.optimizer_step()
             if backend.enabled and cadence.should_checkpoint(step):
                 t_s = time.perf_counter()
                 backend.snapshot(step, state)
                 stall += time.perf_counter() - t_s
             iter_s = time.perf_counter() - t0
-            if timing is not None:
-                stall += timing.stall_s
-            compute_s = iter_s - stall
-            cadence.observe(step, compute_s, _ckpt_cost(timing))
+            # Stall is what this iteration itself waited (wait + snapshot
+            # calls); a snapshot's own stall_s spans two iterations.
+            compute_s = max(0.0, iter_s - stall)
+            cadence.observe(step, compute_s, _ckpt_cost(timing, backend))
             rec: dict[str, Any] = {
-                "step": step, "gen": gen, "t": time.time(), "loss": loss,
+                "step": step,
+                "gen": gen,
+                "t": time.time(),
+                "loss": loss,
                 "iter_time_s": iter_s,
                 "throughput_samples_s": samples / iter_s if iter_s > 0 else 0.0,
                 "ckpt_stall_s": stall,
@@ -160,8 +174,10 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             }
             if timing is not None:
                 rec.update(
-                    ckpt_step=timing.step, ckpt_local_s=timing.local_s,
-                    ckpt_replicate_s=timing.replicate_s, ckpt_persist_s=timing.persist_s,
+                    ckpt_step=timing.step,
+                    ckpt_local_s=timing.local_s,
+                    ckpt_replicate_s=timing.replicate_s,
+                    ckpt_persist_s=timing.persist_s,
                     ckpt_bytes=timing.bytes,
                 )
             reporter.put(rec)
@@ -169,10 +185,20 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
                 means[k] = means.get(k, 0.0) + rec[k]
         last = backend.wait()
         if last is not None:
-            reporter.put({"step": state.step, "gen": gen, "t": time.time(), "ckpt_step": last.step,
-                          "ckpt_local_s": last.local_s, "ckpt_replicate_s": last.replicate_s,
-                          "ckpt_persist_s": last.persist_s, "ckpt_bytes": last.bytes,
-                          "ckpt_stall_s": last.stall_s, "final_wait": True})
+            reporter.put(
+                {
+                    "step": state.step,
+                    "gen": gen,
+                    "t": time.time(),
+                    "ckpt_step": last.step,
+                    "ckpt_local_s": last.local_s,
+                    "ckpt_replicate_s": last.replicate_s,
+                    "ckpt_persist_s": last.persist_s,
+                    "ckpt_bytes": last.bytes,
+                    "ckpt_stall_s": last.stall_s,
+                    "final_wait": True,
+                }
+            )
         digest = state.digest()
         store.set_json(f"final/{gen}/{rank}", {"digest": digest, "step": state.step})
         # Everyone has reported before anyone tears the group down.
@@ -184,10 +210,16 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     return 0
 
 
-def _ckpt_cost(timing: SnapshotTiming | None) -> float | None:
+def _ckpt_cost(timing: SnapshotTiming | None, backend: CheckpointBackend) -> float | None:
+    """What one checkpoint costs if it blocked training: the input of the cadence policies."""
     if timing is None:
         return None
-    return timing.local_s + timing.replicate_s + timing.persist_s
+    persist = timing.persist_s
+    late = getattr(backend, "last_persisted", None)
+    if persist == 0.0 and late is not None:
+        # A background persist finishes after wait(): use the newest finished one.
+        persist = late.persist_s
+    return timing.local_s + timing.replicate_s + persist
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,11 +228,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node", type=int, required=True)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--local-rank", type=int, required=True)
-    p.add_argument("--gen", type=int, required=True)
+    p.add_argument("--gen", type=int, default=0, help="generation (0 with --standby)")
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="import everything, then wait for the generation number on stdin",
+    )
     a = p.parse_args(argv)
     # The agent stops a generation with SIGTERM: exit at once, quietly.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
-    return train(JobSpec.load(a.job), a.node, a.rank, a.local_rank, a.gen)
+    gen = a.gen
+    if a.standby:
+        # A warm spare: the interpreter and torch are loaded while the current
+        # generation trains, so a restart after a failure skips the imports.
+        import gemini.checkpoint.disk
+        import gemini.checkpoint.memory
+        import gemini.cluster.transport
+        import gemini.workload.state  # noqa: F401
+
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0  # the agent closed our stdin: not needed any more
+        gen = int(line)
+    return train(JobSpec.load(a.job), a.node, a.rank, a.local_rank, gen)
 
 
 if __name__ == "__main__":
