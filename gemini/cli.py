@@ -8,6 +8,7 @@ exit status 2 and no traceback. Group options are checked before Hydra runs
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -65,11 +66,14 @@ def _one_line(e: BaseException) -> str:
     """The key, the value and the reason of a composition error, on one line."""
     from omegaconf.errors import OmegaConfBaseException
 
+    # Hydra names the whole override ("foo.bar"); OmegaConf only the first
+    # missing part of it ("foo").
+    override = re.match(r"Could not override '([^']+)'", str(e).strip())
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
             msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
-            key = seen.full_key
+            key = override.group(1) if override else seen.full_key
             if "not in struct" in msg or ("Key '" in msg and "not" in msg):
                 return f"{key}: no such setting; check the spelling (`gemini --cfg job` lists them)"
             return f"{key}: {msg}; fix the value"
@@ -118,6 +122,7 @@ def check_composition(args: list[str]) -> None:
         for a in args
     ):
         return
+    outputs: list[str] = []
     for overrides in _variants(args):
         GlobalHydra.instance().clear()
         try:
@@ -130,7 +135,10 @@ def check_composition(args: list[str]) -> None:
             fail(_one_line(e))
         finally:
             GlobalHydra.instance().clear()
-        check_writable_or_fail(typed.paths.outputs)
+        outputs.append(typed.paths.outputs)
+    # Only once every variant is valid: checking creates the directory.
+    for path in dict.fromkeys(outputs):
+        check_writable_or_fail(path)
 
 
 def check_writable_or_fail(path: str) -> None:

@@ -60,7 +60,8 @@ def git_sha() -> str:
             text=True,
             timeout=5,
         )
-        return out.stdout.strip() or "unknown"
+        # Without a commit, rev-parse fails but still echoes "HEAD" on stdout.
+        return (out.stdout.strip() if out.returncode == 0 else "") or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -33,7 +33,6 @@ from gemini.checkpoint.backend import (
     Retrieved,
     SnapshotTiming,
 )
-from gemini.checkpoint.cadence import persist_due
 from gemini.checkpoint.slot import SlotSet, manifest_capacity_for, shm_available_bytes, shm_name
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig
@@ -121,7 +120,8 @@ class MemoryBackend(CheckpointBackend):
         self._error: BaseException | None = None
         self._persist_thread: threading.Thread | None = None
         self._persist_slot: int | None = None
-        self._last_persist = time.monotonic()
+        self.persist_interval = 0
+        """Persist every this many steps (0 = not yet calibrated / never)."""
         self._disk: DiskStore | None = None
         self._arm = self.store.get_json_or(f"inject/arm/{ctx.rank}")
 
@@ -237,10 +237,10 @@ class MemoryBackend(CheckpointBackend):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
-        if self._disk is not None and persist_due(
-            self._last_persist, time.monotonic(), self.cfg.backend.persist_every_s
-        ):
-            self._last_persist = time.monotonic()
+        k = self.persist_interval
+        if self._disk is not None and k > 0 and manifest.step % k == 0:
+            # Every rank persists the same steps (the interval was agreed on
+            # collectively), so storage holds complete steps, not a mosaic.
             self._persist_slot = idx
             self._persist_thread = threading.Thread(
                 target=self._persist, args=(idx, manifest), daemon=True

@@ -25,6 +25,10 @@ from typing import Any
 from gemini.cluster.job import JobSpec, spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
+# How long a newly elected root may stay silent: an interpreter and torch
+# start-up on a loaded host.
+ROOT_STARTUP_GRACE_S = 60.0
+
 
 class Heartbeat:
     """A thread that bumps ``hb/{name}`` every period (a counter: no clock skew)."""
@@ -68,6 +72,7 @@ class WorkerAgent:
         c = self.cfg.cluster
         self.limit_s = c.heartbeat_s * c.missed_beats
         self.root_hb, self.root_seen = -1, time.monotonic()
+        self.root_epoch, self.awaiting_root = 0, False
         self.peer_hb: dict[int, tuple[int, float]] = {}
         self.root_proc: subprocess.Popen[bytes] | None = None
         self.spares: dict[int, subprocess.Popen[bytes]] = {}
@@ -205,29 +210,39 @@ class WorkerAgent:
         return live
 
     def watch_root(self) -> None:
-        """Elect a new root when the current one stops beating (the store outlives it)."""
+        """Elect a new root when the current one stops beating (the store outlives it).
+
+        After an election the new root needs an interpreter start before its
+        first beat: until that beat arrives the silence allowed is the
+        start-up grace, not the missed-beats limit, or every agent would keep
+        electing roots that are still importing torch.
+        """
         now = time.monotonic()
         v = self.store.counter("hb/root")
         live = self.live_nodes(now)
+        epoch = self.store.counter("root/epoch")
+        if epoch != self.root_epoch:
+            self.root_epoch, self.root_seen, self.awaiting_root = epoch, now, True
         if v != self.root_hb or v == 0:
+            if v != self.root_hb and self.root_hb >= 0:
+                self.awaiting_root = False
             self.root_hb, self.root_seen = v, now
             return
-        if now - self.root_seen < self.limit_s or self.store.exists("ctl/done"):
+        limit = ROOT_STARTUP_GRACE_S if self.awaiting_root else self.limit_s
+        if now - self.root_seen < limit or self.store.exists("ctl/done"):
             return
         # The lowest live node stands first; the others only if it stays silent.
         lowest = min(live, default=self.node)
-        if self.node != lowest and now - self.root_seen < 3 * self.limit_s:
+        if self.node != lowest and now - self.root_seen < 3 * limit:
             return
-        epoch = self.store.counter("root/epoch")
         me = str(self.node)
         got = self.store.raw.compare_set(f"root/elect/{epoch}", "", me)
-        self.root_seen = now  # whoever won, give the new root time to beat
         if got.decode() != me:
             return
-        self.store.incr("root/epoch")
         self.store.set_json(
             "root/elected", {"node": self.node, "epoch": epoch + 1, "t": time.time()}
         )
+        self.store.incr("root/epoch")
         self.root_proc = spawn_module(
             "gemini.cluster.root",
             ["--job", str(Path(self.job.job_dir) / "job.json")],

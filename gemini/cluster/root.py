@@ -58,6 +58,9 @@ class RootAgent:
         self.live = Liveness()
         self.gen = self.store.counter("ctl/gen")
         self.inject_seen = self.store.counter("root/inject_seen")
+        # A root serves one epoch; finding a newer one means it was presumed
+        # dead and replaced, so it must step down rather than act twice.
+        self.epoch = self.store.counter("root/epoch")
 
     # -- helpers ----------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -164,6 +167,9 @@ class RootAgent:
         while True:
             if self.store.exists("ctl/abort"):
                 return 1
+            if self.store.counter("root/epoch") != self.epoch:
+                self.log("a newer root was elected: stepping down")
+                return 0
             self.refresh_liveness()
             exits = self.exits(self.gen)
             finals = [r for r in range(self.world) if self.store.exists(f"final/{self.gen}/{r}")]
@@ -193,12 +199,25 @@ class RootAgent:
             time.sleep(0.05)
 
     # -- recovery -------------------------------------------------------------
-    def wait_exits(self, gen: int, ranks: list[int], timeout_s: float) -> None:
+    def wait_exits(self, gen: int, ranks: list[int], timeout_s: float) -> list[int]:
+        """Wait for the ranks' exit reports; returns nodes found dead meanwhile.
+
+        A rank that never reports is on a node that died too (two nodes of a
+        rack fail a moment apart): once every missing rank's node has missed
+        its beats, there is nothing left to wait for.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(self.store.exists(f"exit/{gen}/{r}") for r in ranks):
-                return
+            missing = [r for r in ranks if not self.store.exists(f"exit/{gen}/{r}")]
+            if not missing:
+                return []
+            self.refresh_liveness()
+            dead = set(self.dead_nodes())
+            if all(self.rank_node[r] in dead for r in missing):
+                return sorted({self.rank_node[r] for r in missing})
             time.sleep(0.02)
+        self.refresh_liveness()
+        return self.dead_nodes()
 
     def replace(self, nodes: list[int], timeout_s: float = 120.0) -> None:
         """Ask the launcher for fresh nodes (empty memory) and wait for their agents."""
@@ -279,23 +298,31 @@ class RootAgent:
         # Teardown: stop every trainer of the generation on the live nodes.
         old = self.gen
         self.store.set(f"ctl/stop/{old}", "1")
-        live_ranks = [r for r in range(self.world) if self.rank_node[r] not in dead]
-        self.wait_exits(old, live_ranks, timeout_s=15.0)
+        dead_set = set(dead)
+        live_ranks = [r for r in range(self.world) if self.rank_node[r] not in dead_set]
+        dead_set |= set(self.wait_exits(old, live_ranks, timeout_s=15.0))
         t_torn = time.time()
         rec["teardown_s"] = t_torn - t_detect
-        if dead:
-            self.replace(dead)
-        t_replaced = time.time()
-        rec["replace_s"] = t_replaced - t_torn
         excluded: list[tuple[int, int, str, int]] = []
-        for _attempt in range(3):
+        replaced: set[int] = set()
+        readies: dict[int, Any] = {}
+        t_launch = t_torn
+        for _attempt in range(5):
+            if dead_set - replaced:
+                self.replace(sorted(dead_set - replaced))
+                replaced |= dead_set
+            rec["dead_nodes"] = sorted(dead_set)
+            rec["kind"] = "hardware" if dead_set else "software"
+            if dead_set:
+                rec["failed"] = f"nodes {sorted(dead_set)}"
+            rec["replace_s"] = time.time() - t_torn
             memory = self.inventory()
             plan = plan_recovery(self.rank_node, memory, self.storage_steps(), excluded)
             rec.update(
                 restored_step=plan.step,
                 reason=plan.reason,
                 source_counts=plan.source_counts(),
-                sources={str(r): s for r, s in plan.sources.items()},
+                sources={str(r): src for r, src in plan.sources.items()},
                 lost_steps=max(0, failed_step - plan.step),
             )
             self.log(f"plan: {plan.reason}; sources {plan.source_counts()}")
@@ -304,12 +331,20 @@ class RootAgent:
             ok, readies = self.wait_ready(gen)
             if ok:
                 break
-            # A source failed its checksum at retrieval: skip it and re-plan.
-            for r in self.exits(gen):
-                src = plan.sources.get(r, {})
-                excluded.append((r, plan.step, src.get("kind", ""), int(src.get("node", -1))))
             self.store.set(f"ctl/stop/{gen}", "1")
-            self.wait_exits(gen, list(range(self.world)), timeout_s=15.0)
+            newly_dead = self.wait_exits(gen, list(range(self.world)), timeout_s=15.0)
+            if newly_dead:
+                # Another node failed during the restart: replace it and re-plan.
+                dead_set |= set(newly_dead)
+                replaced -= set(newly_dead)
+                continue
+            # A source failed its checksum at retrieval: skip it and re-plan.
+            for r in range(self.world):
+                if r not in readies:
+                    src = plan.sources.get(r, {})
+                    excluded.append(
+                        (r, plan.step, str(src.get("kind", "")), int(src.get("node", -1)))
+                    )
         t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
         for phase in ("rendezvous_s", "retrieve_s", "load_s", "ckpt_prepare_s"):
             vals = [float(v.get(phase, 0.0)) for v in readies.values()]
@@ -327,6 +362,9 @@ class RootAgent:
         """Wait until every rank of ``gen`` restored; False if one died trying."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            self.refresh_liveness()
+            if self.dead_nodes():
+                return False, {}
             readies = {
                 r: self.store.get_json(f"ready/{gen}/{r}")
                 for r in range(self.world)

@@ -13,8 +13,15 @@ in both directions before any request is read; every frame's payload carries
 an xxh3_64 checksum that the receiver verifies; lengths are checked against
 per-frame limits before anything is allocated; control payloads are JSON and
 data payloads raw bytes, so nothing received is ever unpickled. There is no
-encryption: the secret authenticates peers on a cluster network, it does not
-hide checkpoint contents from someone who can read that network.
+encryption and no per-frame MAC: the secret authenticates who connects, the
+checksums catch corruption; neither hides nor protects the bytes from someone
+who can read or rewrite packets on the network.
+
+Data path: the sender checksums and sends slices of the caller's buffer in
+place; the receiver reads each chunk straight into the destination buffer
+(the holder's shared-memory slot, or the caller's ``into``) and checksums it
+as it lands. A bad chunk in a put is reported after the rest of the put has
+been drained into the slot being aborted, so the connection stays usable.
 
 Wire format, every frame::
 

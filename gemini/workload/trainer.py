@@ -10,6 +10,7 @@ its own store connection, so the training loop never waits on the network.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import queue
 import signal
@@ -87,6 +88,27 @@ def pick_device(cfg: GeminiConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# How long the ranks of a generation may take to start (a cold interpreter on a
+# replaced node, torch imported on a loaded host) before they rendezvous.
+LAUNCH_TIMEOUT_S = 180.0
+
+
+def wait_for_generation(store: Store, gen: int, world: int) -> None:
+    """Wait until every rank of ``gen`` has started.
+
+    ``init_process_group`` gives the others only the collective timeout to
+    show up, which a rank on a freshly replaced node (no warm spare, imports
+    to pay) can exceed; the recovery would then fail for nothing. If a rank
+    never comes, the root stops the generation and the agent ends this one.
+    """
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    for r in range(world):
+        if not store.wait_for(f"trainer/{gen}/{r}", max(0.0, deadline - time.monotonic())):
+            raise RuntimeError(
+                f"rank {r} of generation {gen} did not start in {LAUNCH_TIMEOUT_S:.0f} s"
+            )
+
+
 def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     """Run one rank of one generation to the end of training (or its death)."""
     from gemini.checkpoint.cadence import make_cadence
@@ -99,6 +121,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     plan = store.get_json(f"ctl/plan/{gen}")
     world = job.world_size
     device = pick_device(cfg, local_rank)
+    wait_for_generation(store, gen, world)
     t_rdzv = time.perf_counter()
     pg_store = dist.PrefixStore(f"gen{gen}/pg", store.raw)
     dist.init_process_group(
@@ -139,6 +162,9 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     reporter = Reporter(job, rank, gen)
     replay_until = int(plan.get("replay_until", 0))
     samples = cfg.train.micro_batch * world
+    adaptive = b.cadence != "every_n"
+    persist_every_s = b.persist_every_s if hasattr(backend, "persist_interval") else 0.0
+    gen_iters: list[float] = []
     means: dict[str, float] = {}
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
@@ -161,7 +187,21 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             # Stall is what this iteration itself waited (wait + snapshot
             # calls); a snapshot's own stall_s spans two iterations.
             compute_s = max(0.0, iter_s - stall)
-            cadence.observe(step, compute_s, _ckpt_cost(timing, backend))
+            cost = _ckpt_cost(timing, backend)
+            if adaptive:
+                # Ranks must checkpoint the same steps, or no step is complete
+                # everywhere: feed every policy the same (slowest) timings.
+                agreed = torch.tensor([compute_s, -1.0 if cost is None else cost], device=device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                compute_s, c = float(agreed[0]), float(agreed[1])
+                cost = None if c < 0 else c
+            cadence.observe(step, compute_s, cost)
+            gen_iters.append(compute_s)
+            if persist_every_s > 0 and len(gen_iters) == 3:
+                # The persistent tier's period in steps, agreed on by all ranks.
+                t_iter = torch.tensor([sum(gen_iters) / 3], device=device)
+                dist.all_reduce(t_iter, op=dist.ReduceOp.MAX)
+                backend.persist_interval = max(1, math.ceil(persist_every_s / float(t_iter)))  # type: ignore[attr-defined]
             rec: dict[str, Any] = {
                 "step": step,
                 "gen": gen,
