@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gemini.config import ConfigError, GeminiConfig, to_schema
+from gemini.recovery import PHASES, RECOVERY_METRICS
 from gemini.tracking import tracking_uri, ui_command
 
 
@@ -334,18 +335,7 @@ def summarize(
         summary["storage_bandwidth"] = f"emulated {cfg.backend.bandwidth_gbps} Gbit/s per node"
     if reports["recoveries"]:
         recs = reports["recoveries"]
-        for k in (
-            "detect_s",
-            "teardown_s",
-            "restart_s",
-            "rendezvous_s",
-            "retrieve_s",
-            "load_s",
-            "replay_s",
-            "recovery_s",
-            "wasted_s",
-            "lost_steps",
-        ):
+        for k in RECOVERY_METRICS:
             vals = [r[k] for r in recs if isinstance(r.get(k), (int, float))]
             if vals:
                 summary[f"mean_{k}"] = mean(vals)
@@ -396,16 +386,7 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
             f"at step {r.get('failed_step')}, "
             f"restored step {r.get('restored_step')} ({r.get('reason', '')})"
         )
-        phases = [
-            "detect_s",
-            "teardown_s",
-            "restart_s",
-            "rendezvous_s",
-            "retrieve_s",
-            "load_s",
-            "replay_s",
-        ]
-        print("  " + "  ".join(f"{p[:-2]} {_fmt(r.get(p), 's')}" for p in phases))
+        print("  " + "  ".join(f"{p[:-2]} {_fmt(r.get(p), 's')}" for p in PHASES))
         print(
             f"  recovery {_fmt(r.get('recovery_s'), 's')}  wasted {_fmt(r.get('wasted_s'), 's')}  "
             f"lost steps {r.get('lost_steps')}  sources {r.get('source_counts')}"

@@ -14,6 +14,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+PHASES = (
+    "detect_s",
+    "teardown_s",
+    "restart_s",
+    "rendezvous_s",
+    "retrieve_s",
+    "load_s",
+    "replay_s",
+)
+"""The phases of one recovery, in order: they add up to ``recovery_s``."""
+RECOVERY_METRICS = (*PHASES, "recovery_s", "wasted_s", "lost_steps")
+"""What every recovery reports (MLflow ``recovery/<name>``, summary ``mean_<name>``)."""
+
 
 @dataclass
 class Plan:

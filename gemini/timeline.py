@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gemini.config import GeminiConfig
-
-PHASES = ("detect_s", "teardown_s", "restart_s", "rendezvous_s", "retrieve_s", "load_s", "replay_s")
+from gemini.recovery import PHASES
 
 
 def draw_timeline(recoveries: list[dict[str, Any]], path: Path, cfg: GeminiConfig) -> Path:

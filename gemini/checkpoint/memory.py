@@ -195,16 +195,15 @@ class MemoryBackend(CheckpointBackend):
             if kill_midway:
                 self._die_midway(tensors, entries, dst, step)
             fmt.write_state(tensors, entries, dst)
-            manifest = fmt.Manifest(
+            manifest = fmt.make_manifest(
+                tensors,
                 step=step,
                 rank=self.ctx.rank,
                 world_size=self.ctx.world_size,
                 config_hash=self.ctx.config_hash,
-                tensors=entries,
-                data_nbytes=nbytes,
-                chunk_bytes=self.chunk,
-                checksums=fmt.checksum(dst, nbytes, self.chunk),
                 extra=extra,
+                buf=dst,
+                chunk_bytes=self.chunk,
             )
             self.slots.commit(idx, manifest)
             timing.local_s = time.perf_counter() - t0

@@ -103,30 +103,28 @@ def spawn_module(
         log.close()
 
 
-def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 5.0) -> None:
-    """Signal a process and all its descendants, then reap them."""
+def _signal_tree(pid: int, sig: int, timeout_s: float) -> list[psutil.Process]:
+    """Signal a process and all its descendants; returns those still alive after the wait."""
     try:
         root = psutil.Process(pid)
         procs = [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
-        return
+        return []
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
-    psutil.wait_procs(procs, timeout=timeout_s)
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    return list(alive)
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 5.0) -> None:
+    """Signal a process and all its descendants, then reap them."""
+    _signal_tree(pid, sig, timeout_s)
 
 
 def terminate_tree(pid: int, grace_s: float = 3.0) -> None:
     """SIGTERM a tree, then SIGKILL whatever is left after ``grace_s``."""
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = _signal_tree(pid, signal.SIGTERM, grace_s)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
