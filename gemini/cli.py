@@ -9,6 +9,7 @@ exit status 2 and no traceback. Group options are checked before Hydra runs
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -160,15 +161,29 @@ def _task(cfg: DictConfig) -> None:
     except JobFailed as e:
         print(f"gemini: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(
             "gemini: interrupted; every process and shared-memory segment was cleaned up",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # kill, a CI timeout or a scheduler's preemption must tear the job down as
+    # Ctrl-C does: the nodes run in sessions of their own and would outlive
+    # the controller, their shared-memory checkpoints with them. A second
+    # signal must not cut that teardown short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     register_configs()
     check_overrides(sys.argv[1:])
     check_composition(sys.argv[1:])

@@ -42,12 +42,25 @@ def _mlflow() -> Any:
     return mlflow
 
 
-def _experiment_id(mlflow: Any, name: str) -> str:
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside an sqlite store (``<db dir>/mlartifacts``).
+
+    MLflow's default is ``./mlruns`` of whichever working directory first
+    created the experiment: artifacts would land wherever ``gemini`` was
+    started. A server (http URI) chooses its own.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
     try:
-        return str(mlflow.create_experiment(name))
+        return str(mlflow.create_experiment(name, artifact_location=artifact_location(uri)))
     except Exception:  # another job of the sweep created it first
         return str(mlflow.get_experiment_by_name(name).experiment_id)
 
@@ -108,7 +121,7 @@ class MultirunParentCallback(Callback):
         self.uri = tracking_uri(cfg)
         client = mlflow.MlflowClient(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        exp_id = _experiment_id(mlflow, cfg.tracking.experiment)
+        exp_id = _experiment_id(mlflow, cfg.tracking.experiment, self.uri)
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(hydra_cfg.overrides.task)
@@ -155,7 +168,7 @@ def record_job(
     uri = tracking_uri(cfg)
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
-    exp_id = _experiment_id(mlflow, cfg.tracking.experiment)
+    exp_id = _experiment_id(mlflow, cfg.tracking.experiment, uri)
     tags = {**host_tags(cfg), **(extra_tags or {}), "job_dir": str(job_dir)}
     if parent:
         tags["mlflow.parentRunId"] = parent

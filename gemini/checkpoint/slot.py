@@ -197,6 +197,20 @@ def unlink_prefix(prefix: str) -> int:
     return n
 
 
+def _prefault_new(mm: mmap.mmap) -> None:
+    """Fault in every page of a new, all-zero mapping by writing zeros, without the GIL.
+
+    ``MAP_POPULATE`` would do it inside mmap(), but CPython holds the GIL across
+    that call: for the GiB-sized segments of a replicated run it froze every
+    other thread of the worker agent, its heartbeat included, for seconds on a
+    loaded machine, and the root declared a healthy node dead. torch releases
+    the GIL in ``zero_``.
+    """
+    buf = torch.frombuffer(mm, dtype=torch.uint8)
+    buf.zero_()
+    del buf  # the export must be gone before the mapping can ever be closed
+
+
 def _digest(data: bytes | memoryview | mmap.mmap) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -232,7 +246,7 @@ class SlotSet:
         """Create a new segment with two EMPTY slots (fails if ``name`` exists).
 
         ``touch=True`` allocates every page now (``posix_fallocate``) and maps
-        them populated, so the first-touch cost is paid at start-up and a full
+        them in (:func:`_prefault_new`), so the first-touch cost is paid at start-up and a full
         /dev/shm fails here with a clear error rather than with SIGBUS in the
         middle of a checkpoint. ``touch=False`` leaves the file sparse.
         """
@@ -257,8 +271,9 @@ class SlotSet:
                         f"{shm_available_bytes()} available"
                     ) from e
                 raise
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if touch else 0)
-            mm = mmap.mmap(fd, size, flags=flags)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            if touch:
+                _prefault_new(mm)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,1 @@
+"""Figures and tables drawn from the MLflow store (see analysis/README.md)."""

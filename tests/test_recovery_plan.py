@@ -1,0 +1,213 @@
+"""The recovery planner (``gemini.recovery.plan_recovery``): a pure function, no cluster.
+
+It decides the one step every rank resumes from and, per rank, where that
+step is read from: its own node's memory, a holder's memory, or storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemini.recovery import Plan, plan_recovery
+
+# 4 nodes x 1 rank: rank r lives on node r.
+FOUR = {r: r for r in range(4)}
+
+
+def group_memory(steps: list[int], dead: tuple[int, ...] = ()) -> dict[int, dict[int, list[int]]]:
+    """Inventory of m=2 group placement on 4 nodes ({0,1}, {2,3}) with ``dead`` nodes gone."""
+    partner = {0: 1, 1: 0, 2: 3, 3: 2}
+    return {
+        node: {node: list(steps), partner[node]: list(steps)}
+        for node in range(4)
+        if node not in dead
+    }
+
+
+def kinds(plan: Plan) -> dict[int, str]:
+    return {r: s["kind"] for r, s in plan.sources.items()}
+
+
+def test_all_ranks_resume_from_the_newest_step_that_every_rank_has() -> None:
+    memory = {0: {0: [7, 6]}, 1: {1: [6, 5]}, 2: {2: [7, 6]}, 3: {3: [7, 6]}}
+    plan = plan_recovery(FOUR, memory, storage=[])
+    assert plan.step == 6
+    assert kinds(plan) == {r: "local" for r in range(4)}
+    assert "6" in plan.reason
+
+
+def test_a_software_failure_restores_every_rank_from_its_own_memory() -> None:
+    plan = plan_recovery(FOUR, group_memory([9, 8]), storage=[4])
+    assert plan.step == 9
+    assert plan.sources == {r: {"kind": "local", "node": r} for r in range(4)}
+    assert plan.source_counts() == {"local": 4}
+
+
+def test_a_lost_node_is_restored_from_a_peer_before_storage() -> None:
+    plan = plan_recovery(FOUR, group_memory([9, 8], dead=(1,)), storage=[9])
+    assert plan.step == 9
+    assert plan.sources[1] == {"kind": "peer", "node": 0}
+    assert kinds(plan) == {0: "local", 1: "peer", 2: "local", 3: "local"}
+    assert plan.source_counts() == {"local": 3, "peer": 1}
+
+
+def test_local_memory_is_preferred_over_a_peer_and_storage_for_the_same_step() -> None:
+    memory = {0: {0: [3], 1: [3]}, 1: {1: [3], 0: [3]}}
+    plan = plan_recovery({0: 0, 1: 1}, memory, storage=[3])
+    assert plan.sources == {0: {"kind": "local", "node": 0}, 1: {"kind": "local", "node": 1}}
+
+
+def test_among_several_holders_the_lowest_node_is_chosen() -> None:
+    # Ring m=3: rank 0 is held by nodes 1 and 2; node 0 is gone.
+    memory = {1: {1: [5], 0: [5]}, 2: {2: [5], 0: [5], 1: [5]}, 3: {3: [5], 2: [5]}}
+    plan = plan_recovery(FOUR, memory, storage=[])
+    assert plan.step == 5
+    assert plan.sources[0] == {"kind": "peer", "node": 1}
+
+
+def test_a_rank_with_no_copy_of_the_newest_step_forces_an_older_common_step() -> None:
+    # Node 1 was lost; its holder (node 0) had received step 8 but not yet step 9.
+    memory = {0: {0: [9, 8], 1: [8, 7]}, 2: {2: [9, 8], 3: [9, 8]}, 3: {3: [9, 8], 2: [9, 8]}}
+    plan = plan_recovery(FOUR, memory, storage=[])
+    assert plan.step == 8
+    assert plan.sources[1] == {"kind": "peer", "node": 0}
+    assert all(s["kind"] == "local" for r, s in plan.sources.items() if r != 1)
+
+
+def test_a_rank_with_no_copy_in_memory_falls_back_to_storage_for_everyone() -> None:
+    # Nodes 0 and 1 (a whole m=2 group) lost together: ranks 0 and 1 exist
+    # only on storage, at a step the survivors no longer hold in memory.
+    plan = plan_recovery(FOUR, group_memory([12, 11], dead=(0, 1)), storage=[10, 5])
+    assert plan.step == 10
+    assert plan.source_counts() == {"storage": 4}
+    assert all(s == {"kind": "storage", "node": -1} for s in plan.sources.values())
+
+
+def test_storage_serves_only_the_ranks_memory_cannot() -> None:
+    memory = {2: {2: [10], 3: [10]}, 3: {3: [10], 2: [10]}}
+    plan = plan_recovery(FOUR, memory, storage=[10])
+    assert plan.step == 10
+    assert kinds(plan) == {0: "storage", 1: "storage", 2: "local", 3: "local"}
+
+
+def test_nothing_anywhere_restarts_every_rank_from_scratch() -> None:
+    plan = plan_recovery(FOUR, {}, storage=[])
+    assert plan.step == 0
+    assert plan.sources == {r: {"kind": "scratch", "node": -1} for r in range(4)}
+    assert "step 0" in plan.reason
+    assert plan.to_json()["start_step"] == 0
+
+
+def test_no_step_common_to_all_ranks_restarts_from_scratch() -> None:
+    memory = {0: {0: [4]}, 1: {1: [3]}}
+    plan = plan_recovery({0: 0, 1: 1}, memory, storage=[])
+    assert plan.step == 0
+    assert plan.source_counts() == {"scratch": 2}
+
+
+def test_an_excluded_source_is_skipped_for_the_next_holder_of_the_same_step() -> None:
+    memory = {1: {1: [5], 0: [5]}, 2: {2: [5], 0: [5], 1: [5]}, 3: {3: [5], 2: [5]}}
+    plan = plan_recovery(FOUR, memory, storage=[], excluded=[(0, 5, "peer", 1)])
+    assert plan.step == 5
+    assert plan.sources[0] == {"kind": "peer", "node": 2}
+
+
+def test_excluding_the_only_copy_of_a_step_falls_back_to_an_older_step() -> None:
+    memory = {0: {0: [6, 5], 1: [6, 5]}, 1: {1: [6, 5], 0: [6, 5]}}
+    plan = plan_recovery({0: 0, 1: 1}, memory, storage=[], excluded=[(1, 6, "local", 1)])
+    # Rank 1's step 6 is still held by node 0: a peer copy of the same step wins
+    # over rolling everyone back.
+    assert plan.step == 6
+    assert plan.sources[1] == {"kind": "peer", "node": 0}
+    bad = [(1, 6, "local", 1), (1, 6, "peer", 0)]
+    plan = plan_recovery({0: 0, 1: 1}, memory, storage=[], excluded=bad)
+    assert plan.step == 5
+    assert plan.sources == {0: {"kind": "local", "node": 0}, 1: {"kind": "local", "node": 1}}
+
+
+def test_an_excluded_storage_step_is_not_planned() -> None:
+    plan = plan_recovery({0: 0}, {}, storage=[8, 4], excluded=[(0, 8, "storage", -1)])
+    assert plan.step == 4
+    assert plan.sources == {0: {"kind": "storage", "node": -1}}
+
+
+def test_inventory_of_ranks_outside_the_job_is_ignored() -> None:
+    memory = {0: {0: [3], 7: [9]}, 1: {1: [3]}}
+    plan = plan_recovery({0: 0, 1: 1}, memory, storage=[])
+    assert plan.step == 3
+    assert set(plan.sources) == {0, 1}
+
+
+def test_a_job_without_ranks_plans_nothing() -> None:
+    plan = plan_recovery({}, {}, storage=[3])
+    assert plan.step == 0 and plan.sources == {}
+
+
+def test_plan_json_carries_step_sources_and_reason() -> None:
+    plan = plan_recovery(FOUR, group_memory([4], dead=(3,)), storage=[])
+    js = plan.to_json()
+    assert js["start_step"] == 4
+    assert js["sources"]["3"] == {"kind": "peer", "node": 2}
+    assert set(js["sources"]) == {"0", "1", "2", "3"}
+    assert js["reason"] == plan.reason
+
+
+# -- properties over random inventories -------------------------------------------
+Inventory = tuple[dict[int, int], dict[int, dict[int, list[int]]], list[int]]
+"""rank -> node, live node -> {source rank: verified steps}, storage steps."""
+_steps = st.lists(st.integers(min_value=1, max_value=6), max_size=3, unique=True)
+
+
+@st.composite
+def inventories(draw: st.DrawFn) -> Inventory:
+    nodes = draw(st.integers(min_value=1, max_value=4))
+    rank_node = {r: r for r in range(nodes)}
+    live = draw(st.lists(st.sampled_from(range(nodes)), unique=True))
+    memory = {
+        n: draw(st.dictionaries(st.sampled_from(range(nodes)), _steps, max_size=nodes))
+        for n in live
+    }
+    storage = draw(_steps)
+    return rank_node, memory, storage
+
+
+def available(
+    rank: int,
+    step: int,
+    rank_node: Mapping[int, int],
+    memory: Mapping[int, Mapping[int, list[int]]],
+    storage: list[int],
+) -> set[str]:
+    out = {"storage"} if step in storage else set()
+    for holder, per in memory.items():
+        if step in per.get(rank, []):
+            out.add("local" if rank_node[rank] == holder else "peer")
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(inventories())
+def test_the_plan_is_the_newest_common_step_with_the_best_source_per_rank(
+    inv: Inventory,
+) -> None:
+    rank_node, memory, storage = inv
+    plan = plan_recovery(rank_node, memory, storage)
+    common = [
+        s
+        for s in range(1, 7)
+        if all(available(r, s, rank_node, memory, storage) for r in rank_node)
+    ]
+    assert plan.step == max(common, default=0)
+    if plan.step == 0:
+        assert all(s["kind"] == "scratch" for s in plan.sources.values())
+        return
+    rank_of = {"local": 0, "peer": 1, "storage": 2}
+    for r, src in plan.sources.items():
+        have = available(r, plan.step, rank_node, memory, storage)
+        assert src["kind"] in have
+        assert rank_of[src["kind"]] == min(rank_of[k] for k in have)
+        if src["kind"] != "storage":
+            assert plan.step in memory[src["node"]][r]
