@@ -24,6 +24,10 @@ and loaded, so only ratios mean anything):
    iteration time of ``none`` and each backend's mean checkpoint stall as a
    percentage of it (target for replicated <= 5 %), and
    ``overhead_pct = (iter_time(backend) / iter_time(none) - 1) * 100``.
+   Jobs run one after another, so other tenants' load can swing one job's
+   iteration time by tens of percent: the three jobs run in ``--rounds``
+   rounds (order reversed every round) and medians are compared. The stall
+   share is measured inside each job and is the steadier of the two.
 
 Parts 1-3 alternate the two paths every repetition and compare medians of
 wall-clock time; beside that ratio the table gives the same ratio in CPU
@@ -32,9 +36,8 @@ out time spent descheduled and is what an idle machine would show.
 
 Run from the repository root (``python benchmarks/checkpoint.py`` works too)::
 
-    .venv/bin/python -m benchmarks.checkpoint            # full: gpt_small, ~10 min
-    .venv/bin/python -m benchmarks.checkpoint --rounds 3 # e2e medians of 3 alternating rounds
-    .venv/bin/python -m benchmarks.checkpoint --quick    # small sizes, few steps
+    .venv/bin/python -m benchmarks.checkpoint            # full: gpt_small, ~20 min
+    .venv/bin/python -m benchmarks.checkpoint --quick    # small sizes, few steps, ~3 min
 
 The last thing printed is a markdown table to paste into the README.
 """
@@ -458,6 +461,9 @@ def end_to_end(base: Path, model: str, steps: int, rounds: int) -> list[Row]:
         f"   none: mean iteration {t_none:.3f} s (steady steps, mean over ranks; median of "
         f"{rounds} run(s) where more)"
     )
+    for name, ss in done.items():
+        its = ", ".join(f"{float(x['iter_time_s']):.3f}" for x in ss)
+        print(f"   {name:<10}: iteration time of each run {its} s")
     rows: list[Row] = []
     for name in ("replicated", "disk"):
         s = runs[name]
@@ -510,7 +516,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="e2e workload (default gpt_small; gpt_tiny with --quick)")
     ap.add_argument("--steps", type=int, help="e2e steps per backend (default 18; 8 with --quick)")
     ap.add_argument(
-        "--rounds", type=int, default=1, help="e2e rounds of the three jobs (medians if > 1)"
+        "--rounds",
+        type=int,
+        help="e2e rounds of the three jobs, alternating order, medians (default 2; 1 quick)",
     )
     ap.add_argument("--snapshot-model", default="gpt_small", help="state measured in part 1")
     ap.add_argument("--repeat", type=int, help="repetitions of parts 1-3 (default 7; 3 quick)")
@@ -523,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     q = a.quick
     model = a.model or ("gpt_tiny" if q else "gpt_small")
     steps = a.steps or (8 if q else 18)
-    rounds = max(1, a.rounds)
+    rounds = max(1, a.rounds or (1 if q else 2))
     repeat = a.repeat or (3 if q else 7)
     xfer = a.xfer_mib or (128 if q else 512)
     disk_mib = a.disk_mib or (128 if q else 512)

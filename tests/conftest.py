@@ -320,8 +320,21 @@ def run_job(compose_cfg: Callable[..., DictConfig], tmp_path: Path) -> Callable[
         tracking = f"tracking.uri={tracking_uri}" if tracking_uri else "tracking=off"
         cfg = compose_cfg(tracking, "progress=false", "cluster.threads_per_rank=1", *overrides)
         job_dir = tmp_path / "jobs" / f"job{count}"
-        summary = run(cfg, job_dir=job_dir)
+        try:
+            summary = run(cfg, job_dir=job_dir)
+        except BaseException:
+            print_log_tails(job_dir)
+            raise
         assert_nothing_left(job_dir)
         return JobResult(summary, job_dir)
 
     return _run
+
+
+def print_log_tails(job_dir: Path, lines: int = 15) -> None:
+    """The end of every process log of a job, into the failing test's captured output."""
+    for log in sorted((job_dir / "logs").glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        if tail:
+            print(f"---- {log.name} (last {len(tail)} lines)")
+            print("\n".join(tail))

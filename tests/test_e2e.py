@@ -77,7 +77,7 @@ def test_layouts_and_parallelisms_complete(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(600)
 def test_same_seed_same_final_state_other_seed_another(run_job: RunJob) -> None:
     job = ("cluster.nodes=2", "cluster.ranks_per_node=2", "model=mlp", "train.steps=4")
     first = run_job(*job, "train.seed=0").summary

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -464,8 +465,13 @@ def test_peer_disconnecting_mid_transfer_aborts_the_put(
     wait_until(lambda: bool(handler.events_for(5, 8)))
     [(kind, reason)] = handler.events_for(5, 8)
     assert kind == "abort"
-    assert reason.startswith("put of source 5 step 8 failed: peer closed mid-transfer after ")
-    assert f"of {len(data)} bytes" in reason
+    # Cut inside a chunk's frame header or its payload, depending on framing:
+    # either way the put names what was missing and is not committed.
+    assert re.match(
+        r"put of source 5 step 8 failed: peer closed (mid-transfer after \d+ of \d+ bytes"
+        r"|the connection after \d+ of \d+ header bytes)",
+        reason,
+    ), reason
     assert 5 not in handler.complete
 
 
