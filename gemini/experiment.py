@@ -174,10 +174,11 @@ class Controller:
                     res = store.get_json("root/result")
                     self.reason = res.get("reason", "")
                     return str(res["status"])
-                step = progress(store, cluster.job.world_size)
-                if bar is not None and step != last:
-                    bar.update(step - last)
-                    last = step
+                if bar is not None:
+                    step = progress(store, cluster.job.world_size)
+                    if step != last:
+                        bar.update(step - last)
+                        last = step
                 hb = store.counter("hb/root")
                 now = time.monotonic()
                 if hb != root_hb:
@@ -391,6 +392,12 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
             f"  recovery {_fmt(r.get('recovery_s'), 's')}  wasted {_fmt(r.get('wasted_s'), 's')}  "
             f"lost steps {r.get('lost_steps')}  sources {r.get('source_counts')}"
         )
+        ranks = r.get("rank_sources") or {}
+        if ranks:
+            where = ", ".join(
+                f"rank {k}: {v}" for k, v in sorted(ranks.items(), key=lambda kv: int(kv[0]))
+            )
+            print(f"  restored from: {where}")
     print("-" * (width + 40))
     if cfg.tracking.enabled:
         print(

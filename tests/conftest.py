@@ -60,7 +60,9 @@ def failure_free(args: list[str]) -> list[str]:
     """
     keys = {a.lstrip("+~").split("=", 1)[0] for a in args if "=" in a}
     extra = [f"{g}=none" for g in ("backend", "failure") if g not in keys]
-    return [*extra, *args]
+    # After the caller's: Hydra's argparse wants flags (-m, --cfg job) before
+    # the overrides, and an override ahead of them splits the list.
+    return [*args, *extra]
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

@@ -99,7 +99,9 @@ class MemoryServices(AgentServices):
 
     def tick(self) -> None:
         assert self.store is not None and self.job is not None
-        for rank in self.ranks:
+        # Once every slot exists this loop costs nothing: no store round trips
+        # on the agent's hot path while training runs.
+        for rank in self.ranks if len(self.sets) < len(self.ranks) else ():
             if rank in self.sets or not self.store.exists(f"ckpt/size/{rank}"):
                 continue
             size = self.store.get_json(f"ckpt/size/{rank}")

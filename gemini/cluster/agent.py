@@ -73,6 +73,7 @@ class WorkerAgent:
         self.limit_s = c.heartbeat_s * c.missed_beats
         self.root_hb, self.root_seen = -1, time.monotonic()
         self.root_epoch, self.awaiting_root = 0, False
+        self.root_checked = 0.0
         self.peer_hb: dict[int, tuple[int, float]] = {}
         self.root_proc: subprocess.Popen[bytes] | None = None
         self.spares: dict[int, subprocess.Popen[bytes]] = {}
@@ -218,8 +219,12 @@ class WorkerAgent:
         electing roots that are still importing torch.
         """
         now = time.monotonic()
+        # Looking once per beat is enough; every store round trip costs CPU
+        # that the trainers on this host would otherwise have.
+        if now - self.root_checked < self.cfg.cluster.heartbeat_s / 2:
+            return
+        self.root_checked = now
         v = self.store.counter("hb/root")
-        live = self.live_nodes(now)
         epoch = self.store.counter("root/epoch")
         if epoch != self.root_epoch:
             self.root_epoch, self.root_seen, self.awaiting_root = epoch, now, True
@@ -231,6 +236,7 @@ class WorkerAgent:
         limit = ROOT_STARTUP_GRACE_S if self.awaiting_root else self.limit_s
         if now - self.root_seen < limit or self.store.exists("ctl/done"):
             return
+        live = self.live_nodes(now)
         # The lowest live node stands first; the others only if it stays silent.
         lowest = min(live, default=self.node)
         if self.node != lowest and now - self.root_seen < 3 * limit:

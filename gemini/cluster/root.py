@@ -196,7 +196,7 @@ class RootAgent:
                 if now - suspicious_since > self.limit_s + 1.0:
                     self.on_failure([], crashed, exits)
                     suspicious_since = None
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     # -- recovery -------------------------------------------------------------
     def wait_exits(self, gen: int, ranks: list[int], timeout_s: float) -> list[int]:
