@@ -21,6 +21,38 @@ from gemini.cluster.job import JobSpec, kill_tree, run_processes, spawn_module, 
 from gemini.cluster.store import Store
 
 
+def sweep_stale_segments() -> list[str]:
+    """Free the shared memory of runs whose processes are all gone.
+
+    Teardown frees a run's segments on success, error, Ctrl-C and SIGTERM; a
+    controller killed outright (SIGKILL, a lost terminal) cannot. Its
+    segments would hold RAM until reboot, so every new run first frees those
+    whose run has no live process left.
+    """
+    import re
+
+    from gemini.checkpoint.slot import SHM_DIR, list_segments
+
+    now = time.time()
+    runs: set[str] = set()
+    for name in list_segments("gemini-"):
+        run_id = name.split("-")[1]
+        # Only segments named by a run (run ids are 10 hex digits), and not
+        # brand new ones: tools and tests name theirs otherwise.
+        if re.fullmatch(r"[0-9a-f]{10}", run_id):
+            try:
+                if now - (SHM_DIR / name).stat().st_mtime > 60:
+                    runs.add(run_id)
+            except FileNotFoundError:
+                continue
+    freed = []
+    for run_id in sorted(runs):
+        if not run_processes(run_id):
+            unlink_prefix(f"gemini-{run_id}-")
+            freed.append(run_id)
+    return freed
+
+
 class LocalCluster:
     def __init__(self, job: JobSpec, store: Store) -> None:
         self.job, self.store = job, store
@@ -35,6 +67,7 @@ class LocalCluster:
         self.env = {"GEMINI_RUN_ID": job.run_id}
 
     def start(self) -> None:
+        sweep_stale_segments()
         self.root = spawn_module(
             "gemini.cluster.root",
             ["--job", self.job_path],
