@@ -73,6 +73,8 @@ class ClusterConfig:
     """Process-group timeout: how long a survivor may block in a collective."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
+    max_restarts: int = 20
+    """Recoveries the root attempts before it gives up on the job (a crash loop)."""
     max_ranks_per_core: int = 4
     """Oversubscription this host accepts before refusing a layout."""
     warm_spares: bool = True
@@ -261,6 +263,7 @@ def validate(cfg: GeminiConfig) -> None:
     _at_least("cluster.ranks_per_node", c.ranks_per_node, 1, "must be >= 1")
     _at_least("cluster.threads_per_rank", c.threads_per_rank, 1, "must be >= 1")
     _at_least("cluster.missed_beats", c.missed_beats, 1, "must be >= 1")
+    _at_least("cluster.max_restarts", c.max_restarts, 0, "must be >= 0")
     if c.heartbeat_s <= 0:
         raise ConfigError("cluster.heartbeat_s", c.heartbeat_s, "must be > 0 seconds")
     if c.collective_timeout_s <= 0:

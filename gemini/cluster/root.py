@@ -266,6 +266,19 @@ class RootAgent:
 
     def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
         t_detect = time.time()
+        restarts = self.store.incr("root/restarts")
+        if restarts > self.cfg.cluster.max_restarts:
+            # A job that fails again after every restart (a bug, not a fault)
+            # must end, not loop: report it and stop everything.
+            reason = (
+                f"gave up after {restarts - 1} recoveries (cluster.max_restarts="
+                f"{self.cfg.cluster.max_restarts}); the last failure: dead nodes {dead}, "
+                f"failed ranks {ranks} — see the rank logs"
+            )
+            self.log(reason)
+            self.store.set_json("root/result", {"status": "failed", "reason": reason})
+            self.store.set("ctl/abort", "1")
+            return
         injected = self.store.items("inject", self.inject_seen + 1)
         if injected:
             self.inject_seen = injected[-1][0]

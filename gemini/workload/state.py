@@ -104,11 +104,19 @@ class TrainState:
     def _local_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer.optim if self.zero else self.optimizer  # type: ignore[attr-defined]
 
+    def _partitions(self) -> list[list[dict[str, Any]]]:
+        """ZeRO's assignment of parameter groups to ranks (rank -> its groups).
+
+        torch exposes it only as a private method; it is deterministic given the
+        parameters and the world size, which is what checkpoints rely on.
+        """
+        return self.optimizer._partition_parameters()  # type: ignore[attr-defined]
+
     def _owned(self) -> list[int]:
         """Indices (into self.params) of the parameters this rank checkpoints."""
         if not self.zero:
             return list(range(len(self.params)))
-        parts = self.optimizer.partition_parameters()  # type: ignore[attr-defined]
+        parts = self._partitions()
         mine = {id(p) for g in parts[self.rank] for p in g["params"]}
         return [i for i, p in enumerate(self.params) if id(p) in mine]
 
@@ -188,7 +196,7 @@ class TrainState:
         if self.zero:
             # Each parameter lives in exactly one rank's checkpoint: its owner
             # broadcasts it so every replica holds the full model again.
-            for owner, groups in enumerate(self.optimizer.partition_parameters()):  # type: ignore[attr-defined]
+            for owner, groups in enumerate(self._partitions()):
                 for g in groups:
                     for p in g["params"]:
                         dist.broadcast(p.data, src=owner)
