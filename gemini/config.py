@@ -77,9 +77,10 @@ class ClusterConfig:
     """Recoveries the root attempts before it gives up on the job (a crash loop)."""
     max_ranks_per_core: int = 4
     """Oversubscription this host accepts before refusing a layout."""
-    warm_spares: bool = True
-    """Keep one pre-started trainer process per rank (torch imported), so a restart
-    after a failure skips the interpreter start-up."""
+    warm_spares: bool = False
+    """Keep one pre-started trainer per rank (torch imported, at idle priority), so a
+    restart after a failure skips the interpreter start-up (~1.5 s instead of ~9 s
+    here). Their one-time import competes with training on a host with few cores."""
     host: str = "127.0.0.1"
     """Address the controller's KV store and the agents' transports bind to."""
 

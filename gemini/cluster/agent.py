@@ -25,6 +25,10 @@ from typing import Any
 from gemini.cluster.job import JobSpec, spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
+# A spare's exit status when this host cannot return it from idle priority
+# (kept in step with gemini.workload.trainer, which imports torch).
+SPARE_UNSUPPORTED = 75
+
 # How long a newly elected root may stay silent: an interpreter and torch
 # start-up on a loaded host.
 ROOT_STARTUP_GRACE_S = 60.0
@@ -114,7 +118,9 @@ class WorkerAgent:
                 self.watch_root()
                 if self.use_spares:
                     self.keep_spares()
-                time.sleep(0.05)
+                # 10 Hz: each pass costs store round trips, i.e. CPU the
+                # trainers on this host would otherwise have.
+                time.sleep(0.1)
         finally:
             self.close_spares()
             self.stop_trainers()
@@ -168,6 +174,9 @@ class WorkerAgent:
             return
         for local, rank in enumerate(self.ranks):
             spare = self.spares.get(rank)
+            if spare is not None and spare.poll() == SPARE_UNSUPPORTED:
+                self.use_spares = False  # this host cannot run idle-priority spares
+                return
             if spare is None or spare.poll() is not None:
                 self.spares[rank] = spawn_module(
                     "gemini.workload.trainer",

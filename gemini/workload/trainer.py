@@ -262,6 +262,32 @@ def _ckpt_cost(timing: SnapshotTiming | None, backend: CheckpointBackend) -> flo
     return timing.local_s + timing.replicate_s + persist
 
 
+SPARE_UNSUPPORTED = 75
+"""Exit status of a spare on a host where idle priority is not reversible."""
+
+
+def _set_idle(idle: bool) -> bool:
+    """Move every thread of this process to SCHED_IDLE (or back to SCHED_OTHER).
+
+    Going idle first checks that coming back is allowed (unprivileged
+    processes may leave SCHED_IDLE only where RLIMIT_NICE permits), so a
+    spare never becomes a trainer stuck at idle priority.
+    """
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    param = os.sched_param(0)
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    try:
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, param)
+            os.sched_setscheduler(0, os.SCHED_OTHER, param)
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(tid), policy, param)
+    except OSError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--job", required=True)
@@ -281,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.standby:
         # A warm spare: the interpreter and torch are loaded while the current
         # generation trains, so a restart after a failure skips the imports.
+        # It loads at idle priority, so that it takes only CPU the trainers
+        # leave unused; a host that would not let it return to normal
+        # priority gets no spare (exit 75 tells the agent to stop making them).
+        if not _set_idle(True):
+            return SPARE_UNSUPPORTED
         import gemini.checkpoint.disk
         import gemini.checkpoint.memory
         import gemini.cluster.transport
@@ -289,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         line = sys.stdin.readline()
         if not line.strip():
             return 0  # the agent closed our stdin: not needed any more
+        _set_idle(False)
         gen = int(line)
     return train(JobSpec.load(a.job), a.node, a.rank, a.local_rank, gen)
 
