@@ -165,7 +165,6 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     adaptive = b.cadence != "every_n"
     persist_every_s = b.persist_every_s if hasattr(backend, "persist_interval") else 0.0
     gen_iters: list[float] = []
-    means: dict[str, float] = {}
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -221,8 +220,6 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
                     ckpt_bytes=timing.bytes,
                 )
             reporter.put(rec)
-            for k in ("iter_time_s", "ckpt_stall_s"):
-                means[k] = means.get(k, 0.0) + rec[k]
         last = backend.wait()
         if last is not None:
             reporter.put(
