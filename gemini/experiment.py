@@ -326,7 +326,9 @@ def summarize(
         "ckpt_replicate_s": m("ckpt_replicate_s", ckpt_rows),
         "ckpt_persist_s": m("ckpt_persist_s", ckpt_rows),
         "ckpt_bytes": m("ckpt_bytes", ckpt_rows),
-        "checkpoints": len(ckpt_rows),
+        # Each step's row carries the checkpoint it waited for; the last one is
+        # waited for after the loop (a final_wait record).
+        "checkpoints": len(ckpt_rows) + (1 if reports["final_waits"] else 0),
         "checkpoints_per_hour": len(ckpt_rows) / wall_s * 3600 if wall_s > 0 else 0.0,
         "failures_injected": fired,
         "recoveries": reports["recoveries"],

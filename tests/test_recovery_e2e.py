@@ -24,6 +24,7 @@ from gemini.cli import CONF
 from gemini.cluster.job import run_processes
 from gemini.config import register_configs, to_schema
 from gemini.experiment import run
+from gemini.recovery import RECOVERY_METRICS
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -224,18 +225,7 @@ def test_hardware_failure_with_disk_resumes_from_storage_and_is_tracked_in_mlflo
 
     client = mlflow.MlflowClient(mlflow_uri)
     got = client.get_run(summary["mlflow_run_id"])
-    for phase in (
-        "detect_s",
-        "teardown_s",
-        "restart_s",
-        "rendezvous_s",
-        "retrieve_s",
-        "load_s",
-        "replay_s",
-        "recovery_s",
-        "wasted_s",
-        "lost_steps",
-    ):
+    for phase in RECOVERY_METRICS:
         assert f"recovery/{phase}" in got.data.metrics, phase
     assert got.data.metrics["recovery/recovery_s"] == pytest.approx(rec["recovery_s"])
     assert "iter_time_s" in got.data.metrics and "ckpt_stall_s" in got.data.metrics
