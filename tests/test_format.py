@@ -6,6 +6,7 @@ import itertools
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -294,3 +295,79 @@ def test_any_state_round_trips_bitwise(
     manifest = fmt.Manifest.from_json(manifest.to_json())
     fmt.verify(buf, manifest)
     assert_bitwise_equal(fmt.read_state(buf, manifest), state)
+
+
+def _garbage(nbytes: int, seed: int = 1) -> bytearray:
+    """A buffer full of stale bytes, as a reused slot is: padding must hash as it lies."""
+    g = torch.Generator().manual_seed(seed)
+    return bytearray(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).numpy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    state=states(),
+    chunk_bytes=st.integers(1, 300),
+    piece_bytes=st.integers(1, 200),
+    align=st.sampled_from([1, 16, 64]),
+)
+def test_write_checksummed_equals_write_then_checksum(
+    state: dict[str, torch.Tensor], chunk_bytes: int, piece_bytes: int, align: int
+) -> None:
+    entries, nbytes = fmt.layout(state, align=align)
+    expected = _garbage(nbytes)
+    fmt.write_state(state, entries, expected)
+    fused = _garbage(nbytes)
+    sums = fmt.write_checksummed(state, entries, fused, chunk_bytes, piece_bytes)
+    assert fused == expected
+    assert sums == fmt.checksum(expected, nbytes, chunk_bytes)
+
+
+def test_write_checksummed_at_default_sizes_across_many_chunks() -> None:
+    # A few MiB of mixed tensors (some non-contiguous, one bf16) spanning
+    # several default pieces and chunk boundaries, into a uint8 tensor buffer.
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "big": torch.randn(700_000, generator=g),
+        "odd": torch.randn(333, 77, generator=g).t(),
+        "half": torch.randn(123_457, generator=g).to(torch.bfloat16),
+        "step": torch.tensor(5),
+        **realistic_state(),
+    }
+    entries, nbytes = fmt.layout(state)
+    buf = torch.from_numpy(np.frombuffer(_garbage(nbytes + 10), dtype=np.uint8))
+    sums = fmt.write_checksummed(state, entries, buf, chunk_bytes=1 << 20)
+    manifest = fmt.make_manifest(
+        state,
+        step=1,
+        rank=0,
+        world_size=1,
+        config_hash="",
+        extra={},
+        buf=buf,
+        chunk_bytes=1 << 20,
+        checksums=sums,
+    )
+    assert len(sums) == -(-nbytes // (1 << 20)) > 3
+    fmt.verify(buf, manifest)
+    assert_bitwise_equal(fmt.read_state(buf, manifest), state)
+
+
+def test_write_checksummed_refuses_what_write_state_refuses() -> None:
+    entries, nbytes = fmt.layout({"x": torch.ones(4)})
+    with pytest.raises(fmt.FormatError, match="'x'"):
+        fmt.write_checksummed({"x": torch.ones(5)}, entries, bytearray(nbytes + 64))
+    with pytest.raises(fmt.FormatError, match="buffer holds"):
+        fmt.write_checksummed({"x": torch.ones(4)}, entries, bytearray(nbytes - 1))
+    with pytest.raises(fmt.FormatError, match="chunk_bytes"):
+        fmt.write_checksummed({"x": torch.ones(4)}, entries, bytearray(nbytes), chunk_bytes=0)
+    with pytest.raises(fmt.FormatError, match="checksums given"):
+        fmt.make_manifest(
+            {"x": torch.ones(4)},
+            step=0,
+            rank=0,
+            world_size=1,
+            config_hash="",
+            extra={},
+            buf=bytearray(nbytes),
+            checksums=[],
+        )

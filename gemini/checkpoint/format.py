@@ -9,7 +9,8 @@ parsed and validated, never executed.
 
 This module owns the layout (:func:`layout`), copying a state into a buffer
 and back (:func:`write_state`, :func:`read_state`, zero-copy views via
-``torch.frombuffer``), the checksums (:func:`checksum`, :func:`verify`) and
+``torch.frombuffer``), the checksums (:func:`checksum`, :func:`verify`, and
+:func:`write_checksummed`, which copies and hashes in one pass) and
 the manifest's (de)serialisation with validation. Where the buffer lives
 (shared memory, a file, a socket) is somebody else's business.
 
@@ -52,6 +53,7 @@ __all__ = [
     "make_manifest",
     "read_state",
     "verify",
+    "write_checksummed",
     "write_state",
 ]
 
@@ -381,6 +383,27 @@ def _check_fits(flat: torch.Tensor, nbytes: int, what: str) -> None:
         raise FormatError(f"{what}: buffer holds {flat.numel()} bytes, layout needs {nbytes}")
 
 
+def _checked_sources(
+    state: Mapping[str, torch.Tensor], entries: list[TensorEntry], flat: torch.Tensor, what: str
+) -> list[tuple[TensorEntry, torch.Tensor]]:
+    """Pair each entry with its tensor of ``state``, refusing any mismatch."""
+    if len(entries) != len(state):
+        raise FormatError(f"layout has {len(entries)} tensors, state has {len(state)}")
+    _check_fits(flat, max((e.offset + e.nbytes for e in entries), default=0), what)
+    pairs = []
+    for e in entries:
+        src = state.get(e.name)
+        if src is None:
+            raise FormatError(f"state has no tensor {e.name!r} named in the layout")
+        if _dtype_name(src.dtype) != e.dtype or tuple(src.shape) != e.shape:
+            raise FormatError(
+                f"tensor {e.name!r} is {_dtype_name(src.dtype)}{list(src.shape)}, "
+                f"layout says {e.dtype}{list(e.shape)}"
+            )
+        pairs.append((e, src))
+    return pairs
+
+
 def write_state(state: Mapping[str, torch.Tensor], entries: list[TensorEntry], buf: Buffer) -> None:
     """Copy every tensor of ``state`` into ``buf`` at its entry's offset.
 
@@ -388,22 +411,95 @@ def write_state(state: Mapping[str, torch.Tensor], entries: list[TensorEntry], b
     ``copy_``, so this runs at memcpy speed, handles non-contiguous sources and
     device-to-host copies, and allocates nothing.
     """
-    if len(entries) != len(state):
-        raise FormatError(f"layout has {len(entries)} tensors, state has {len(state)}")
     flat = _as_uint8_tensor(buf)
-    _check_fits(flat, max((e.offset + e.nbytes for e in entries), default=0), "write_state")
+    pairs = _checked_sources(state, entries, flat, "write_state")
     with torch.no_grad():
-        for e in entries:
-            src = state.get(e.name)
-            if src is None:
-                raise FormatError(f"state has no tensor {e.name!r} named in the layout")
-            if _dtype_name(src.dtype) != e.dtype or tuple(src.shape) != e.shape:
-                raise FormatError(
-                    f"tensor {e.name!r} is {_dtype_name(src.dtype)}{list(src.shape)}, "
-                    f"layout says {e.dtype}{list(e.shape)}"
-                )
+        for e, src in pairs:
             if e.nbytes:
                 _view(flat, e).copy_(src)
+
+
+_PIECE_BYTES = 512 << 10
+"""Copy granularity of :func:`write_checksummed`. A piece is hashed right after
+it is copied, while it is still in the core's L2 cache (1 MiB here): hashing
+from cache ran at 50-68 GB/s against 24 GB/s from DRAM. 512 KiB measured best
+among 256 KiB-2 MiB for a gpt_small state (snapshot/copy_ 0.86 vs 0.70 for a
+copy followed by a separate checksum pass)."""
+
+
+def _host_bytes(t: torch.Tensor) -> np.ndarray | None:
+    """``t``'s bytes as a flat uint8 array without copying, or None if it has none.
+
+    None for tensors whose memory is not a plain dense host array: another
+    device, non-contiguous, or with a lazy conjugate/negation bit.
+    """
+    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        return None
+    arr: np.ndarray = t.detach().reshape(-1).view(torch.uint8).numpy()
+    return arr
+
+
+def write_checksummed(
+    state: Mapping[str, torch.Tensor],
+    entries: list[TensorEntry],
+    buf: Buffer,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    piece_bytes: int = _PIECE_BYTES,
+) -> list[str]:
+    """:func:`write_state`, then :func:`checksum` of ``buf[:nbytes]``, in one pass.
+
+    Returns the same digests as ``checksum(buf, nbytes, chunk_bytes)`` after
+    ``write_state`` (``nbytes`` being the end of the last tensor), but copies
+    host tensors piece by piece and hashes each piece while it is still in
+    cache, so the checksum costs a fraction of a second read of the buffer.
+    Padding between tensors is hashed as it lies in ``buf``, exactly as
+    :func:`checksum` would. Tensors on another device or non-contiguous are
+    copied whole with ``copy_`` and hashed after.
+    """
+    if chunk_bytes < 1 or piece_bytes < 1:
+        raise FormatError(
+            f"chunk_bytes and piece_bytes must be >= 1, got {chunk_bytes} and {piece_bytes}"
+        )
+    flat = _as_uint8_tensor(buf)
+    if flat.device.type != "cpu":
+        raise FormatError("write_checksummed: the buffer must be in host memory")
+    pairs = _checked_sources(state, entries, flat, "write_checksummed")
+    pairs.sort(key=lambda p: p[0].offset)
+    nbytes = max((e.offset + e.nbytes for e, _ in pairs), default=0)
+    dst = flat.numpy()
+    mv = memoryview(dst)
+    sums: list[str] = []
+    hasher = xxhash.xxh3_64()
+    hashed = 0
+    chunk_end = min(chunk_bytes, nbytes)
+
+    def hash_upto(end: int) -> None:
+        nonlocal hashed, chunk_end
+        while hashed < end:
+            upto = min(end, chunk_end)
+            hasher.update(mv[hashed:upto])
+            hashed = upto
+            if hashed == chunk_end:
+                sums.append(hasher.hexdigest())
+                hasher.reset()
+                chunk_end = min(chunk_end + chunk_bytes, nbytes)
+
+    with torch.no_grad():
+        for e, src in pairs:
+            if not e.nbytes:
+                continue
+            host = _host_bytes(src)
+            if host is None:
+                _view(flat, e).copy_(src)
+                hash_upto(e.offset + e.nbytes)
+                continue
+            for o in range(0, e.nbytes, piece_bytes):
+                n = min(piece_bytes, e.nbytes - o)
+                start = e.offset + o
+                np.copyto(dst[start : start + n], host[o : o + n])
+                hash_upto(start + n)
+    hash_upto(nbytes)
+    return sums
 
 
 def _digest(mv: memoryview) -> str:
@@ -525,9 +621,21 @@ def make_manifest(
     extra: dict[str, Any],
     buf: Buffer,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    checksums: list[str] | None = None,
 ) -> Manifest:
-    """The manifest of ``state`` already written into ``buf`` with ``layout(state)``."""
+    """The manifest of ``state`` already written into ``buf`` with ``layout(state)``.
+
+    ``checksums``, if given, are the digests :func:`write_checksummed` returned
+    for ``buf``; otherwise they are computed here.
+    """
     entries, nbytes = layout(state)
+    if checksums is None:
+        checksums = checksum(buf, nbytes, chunk_bytes)
+    elif len(checksums) != math.ceil(nbytes / chunk_bytes):
+        raise FormatError(
+            f"make_manifest: {len(checksums)} checksums given, "
+            f"{nbytes} bytes in {chunk_bytes}-byte chunks need {math.ceil(nbytes / chunk_bytes)}"
+        )
     return Manifest(
         step=step,
         rank=rank,
@@ -536,6 +644,6 @@ def make_manifest(
         tensors=entries,
         data_nbytes=nbytes,
         chunk_bytes=chunk_bytes,
-        checksums=checksum(buf, nbytes, chunk_bytes),
+        checksums=checksums,
         extra=extra,
     )

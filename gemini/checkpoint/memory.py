@@ -194,7 +194,9 @@ class MemoryBackend(CheckpointBackend):
             dst = self.slots.data_tensor(idx)
             if kill_midway:
                 self._die_midway(tensors, entries, dst, step)
-            fmt.write_state(tensors, entries, dst)
+            # Copy and hash in one pass: each piece is hashed while still in
+            # cache, which a separate checksum pass over the slot cannot do.
+            sums = fmt.write_checksummed(tensors, entries, dst, self.chunk)
             manifest = fmt.make_manifest(
                 tensors,
                 step=step,
@@ -204,6 +206,7 @@ class MemoryBackend(CheckpointBackend):
                 extra=extra,
                 buf=dst,
                 chunk_bytes=self.chunk,
+                checksums=sums,
             )
             self.slots.commit(idx, manifest)
             timing.local_s = time.perf_counter() - t0
