@@ -467,7 +467,7 @@ def write_checksummed(
     pairs.sort(key=lambda p: p[0].offset)
     nbytes = max((e.offset + e.nbytes for e, _ in pairs), default=0)
     dst = flat.numpy()
-    mv = memoryview(dst)
+    mv = _as_memoryview(flat)
     sums: list[str] = []
     hasher = xxhash.xxh3_64()
     hashed = 0
