@@ -230,6 +230,7 @@ def collect(store: Any, world: int) -> dict[str, Any]:
             "ckpt_local_s",
             "ckpt_replicate_s",
             "ckpt_persist_s",
+            "ckpt_time_s",
         ):
             vals = [r[k] for r in recs if k in r]
             if vals:
@@ -325,6 +326,8 @@ def summarize(
         "ckpt_local_s": m("ckpt_local_s", ckpt_rows),
         "ckpt_replicate_s": m("ckpt_replicate_s", ckpt_rows),
         "ckpt_persist_s": m("ckpt_persist_s", ckpt_rows),
+        # t_ckpt: one checkpoint from start to complete, as the cadence saw it.
+        "ckpt_time_s": m("ckpt_time_s", [s for s in steps if "ckpt_time_s" in s]),
         "ckpt_bytes": m("ckpt_bytes", ckpt_rows),
         # Each step's row carries the checkpoint it waited for; the last one is
         # waited for after the loop (a final_wait record).

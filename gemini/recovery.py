@@ -28,6 +28,43 @@ RECOVERY_METRICS = (*PHASES, "recovery_s", "wasted_s", "lost_steps")
 """What every recovery reports (MLflow ``recovery/<name>``, summary ``mean_<name>``)."""
 
 
+MILESTONES = ("t_rdzv_start", "t_rdzv_end", "t_retrieve_start", "t_retrieve_end", "t")
+"""What every restarted rank reports (wall-clock seconds) on its way back: it
+enters and leaves the rendezvous, starts and ends retrieving its checkpoint,
+and is ready (restored and warmed up) at ``t``."""
+
+
+def restart_phases(t_torn: float, readies: Mapping[int, Mapping[str, Any]]) -> dict[str, float]:
+    """``restart_s``, ``rendezvous_s``, ``retrieve_s``, ``load_s`` along the critical path.
+
+    The ranks restart together but not in step: one that retrieved from local
+    memory waits in the first collective for one still fetching from a peer.
+    Summing per-rank durations (or their maxima) would count that wait twice,
+    so each phase here ends when the *last* rank passes its milestone and
+    starts where the previous phase ended: the four phases add up exactly to
+    ``t_ready - t_torn``. Building the model and the backend between the
+    rendezvous and the retrieval counts as restart. A rank that restarts from
+    scratch reports no retrieval milestones; its are taken as its ready time.
+    """
+    if not readies:
+        return {"restart_s": 0.0, "rendezvous_s": 0.0, "retrieve_s": 0.0, "load_s": 0.0}
+
+    def last(key: str) -> float:
+        return max(float(r.get(key, r["t"])) for r in readies.values())
+
+    b_rdzv = max(t_torn, last("t_rdzv_start"))
+    b_rdzv_end = max(b_rdzv, last("t_rdzv_end"))
+    b_retr = max(b_rdzv_end, last("t_retrieve_start"))
+    b_retr_end = max(b_retr, last("t_retrieve_end"))
+    b_ready = max(b_retr_end, last("t"))
+    return {
+        "restart_s": (b_rdzv - t_torn) + (b_retr - b_rdzv_end),
+        "rendezvous_s": b_rdzv_end - b_rdzv,
+        "retrieve_s": b_retr_end - b_retr,
+        "load_s": b_ready - b_retr_end,
+    }
+
+
 @dataclass
 class Plan:
     """The outcome of planning one recovery."""

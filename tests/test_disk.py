@@ -422,6 +422,30 @@ def test_background_wait_returns_before_the_write_and_next_snapshot_waits_for_it
     assert backend.complete_steps() == [2, 1]
 
 
+def test_background_checkpoint_cost_is_unknown_until_a_persist_finishes(tmp_path: Path) -> None:
+    # The cadence policies' t_ckpt: the copy alone would understate it and
+    # make HighFreq checkpoint every step, stalling on the storage each time.
+    from gemini.workload.trainer import _ckpt_cost
+
+    config = tiny_config("background", tmp_path)
+    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
+    state = TrainState(job.cfg, 0, 1, torch.device("cpu"))
+    state.forward_backward()
+    state.optimizer_step()
+    nbytes = fmt.layout(state.tensors())[1]
+    config["backend"]["bandwidth_gbps"] = nbytes * 8 / 0.5 / 1e9  # ~0.5 s per write
+    backend = make_backend(config, tmp_path)
+    backend.snapshot(1, state)
+    first = backend.wait()
+    assert _ckpt_cost(first, backend) is None
+    backend.snapshot(2, state)
+    second = backend.wait()
+    cost = _ckpt_cost(second, backend)
+    assert first is not None and second is not None and cost is not None
+    assert cost == second.local_s + first.persist_s and cost >= 0.5
+    backend.close()
+
+
 def test_background_write_failure_surfaces_by_close(tmp_path: Path) -> None:
     config = tiny_config("background", tmp_path)
     job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)

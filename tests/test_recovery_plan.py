@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemini.recovery import Plan, plan_recovery
+from gemini.recovery import MILESTONES, Plan, plan_recovery, restart_phases
 
 # 4 nodes x 1 rank: rank r lives on node r.
 FOUR = {r: r for r in range(4)}
@@ -211,3 +212,45 @@ def test_the_plan_is_the_newest_common_step_with_the_best_source_per_rank(
         assert rank_of[src["kind"]] == min(rank_of[k] for k in have)
         if src["kind"] != "storage":
             assert plan.step in memory[src["node"]][r]
+
+
+def test_restart_phases_follow_the_slowest_rank_and_add_up() -> None:
+    # Rank 0 restores from local memory and then waits in the warm-up
+    # collective for rank 1, which fetches from a peer: that wait is rank 1's
+    # retrieval, not rank 0's load, and must not be counted twice.
+    readies = {
+        0: {
+            "t_rdzv_start": 10.0,
+            "t_rdzv_end": 11.0,
+            "t_retrieve_start": 11.5,
+            "t_retrieve_end": 11.6,
+            "t": 13.0,
+        },
+        1: {
+            "t_rdzv_start": 10.2,
+            "t_rdzv_end": 11.0,
+            "t_retrieve_start": 11.8,
+            "t_retrieve_end": 12.8,
+            "t": 13.0,
+        },
+    }
+    ph = restart_phases(9.0, readies)
+    assert ph == pytest.approx(
+        {"restart_s": 2.0, "rendezvous_s": 0.8, "retrieve_s": 1.0, "load_s": 0.2}
+    )
+    assert sum(ph.values()) == pytest.approx(13.0 - 9.0)
+    assert set(MILESTONES) == set(readies[0])
+
+
+def test_restart_phases_of_a_restart_from_scratch_have_no_retrieval() -> None:
+    readies = {0: {"t_rdzv_start": 5.0, "t_rdzv_end": 5.5, "t": 7.0}}
+    ph = restart_phases(4.0, readies)
+    assert ph == pytest.approx(
+        {"restart_s": 2.5, "rendezvous_s": 0.5, "retrieve_s": 0.0, "load_s": 0.0}
+    )
+    assert restart_phases(4.0, {}) == {
+        "restart_s": 0.0,
+        "rendezvous_s": 0.0,
+        "retrieve_s": 0.0,
+        "load_s": 0.0,
+    }

@@ -26,7 +26,7 @@ from typing import Any
 from gemini.cluster.agent import Heartbeat
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
-from gemini.recovery import plan_recovery
+from gemini.recovery import plan_recovery, restart_phases
 
 
 @dataclass
@@ -359,14 +359,16 @@ class RootAgent:
                         (r, plan.step, str(src.get("kind", "")), int(src.get("node", -1)))
                     )
         t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
-        for phase in ("rendezvous_s", "retrieve_s", "load_s", "ckpt_prepare_s"):
-            vals = [float(v.get(phase, 0.0)) for v in readies.values()]
-            rec[phase] = max(vals) if vals else 0.0
+        rec.update(restart_phases(t_torn, readies))
+        prepare = [float(v.get("ckpt_prepare_s", 0.0)) for v in readies.values()]
+        rec["ckpt_prepare_s"] = max(prepare) if prepare else 0.0
         rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())
         rec["rank_sources"] = {str(r): v.get("source", "scratch") for r, v in readies.items()}
-        rec["restart_s"] = max(
-            0.0, (t_ready - t_torn) - rec["rendezvous_s"] - rec["retrieve_s"] - rec["load_s"]
-        )
+        # Each rank's own durations, for the one that held the others up.
+        rec["rank_retrieve_s"] = {str(r): v.get("retrieve_s", 0.0) for r, v in readies.items()}
+        rec["rank_load_s"] = {str(r): v.get("load_s", 0.0) for r, v in readies.items()}
+        # The part of load_s spent in DDP's discarded warm-up backward (collectives).
+        rec["rank_warm_up_s"] = {str(r): v.get("warm_up_s", 0.0) for r, v in readies.items()}
         rec["t_ready"] = t_ready
         rec["t_launch"] = t_launch
         self.store.set_json("root/pending", rec)

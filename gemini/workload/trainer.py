@@ -122,6 +122,9 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     world = job.world_size
     device = pick_device(cfg, local_rank)
     wait_for_generation(store, gen, world)
+    # Wall-clock milestones (gemini.recovery.MILESTONES): the root cuts the
+    # restart into phases along the slowest rank's path.
+    milestones = {"t_rdzv_start": time.time()}
     t_rdzv = time.perf_counter()
     pg_store = dist.PrefixStore(f"gen{gen}/pg", store.raw)
     dist.init_process_group(
@@ -132,6 +135,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
         timeout=timedelta(seconds=cfg.cluster.collective_timeout_s),
     )
     rendezvous_s = time.perf_counter() - t_rdzv
+    milestones["t_rdzv_end"] = time.time()
     state = TrainState(cfg, rank, world, device)
     ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg))
     backend: CheckpointBackend = make_backend(ctx)
@@ -142,17 +146,22 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
 
     start_step = int(plan.get("start_step", 0))
     ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step}
+    ready.update(milestones)
     if backend.enabled:
         ready.update(backend.prepare(state))
     if start_step > 0:
         source = plan["sources"][str(rank)]
+        ready["t_retrieve_start"] = time.time()
         got = backend.retrieve(start_step, source)
+        ready["t_retrieve_end"] = time.time()
         t_load = time.perf_counter()
         state.load(got.tensors, got.extra)
+        t_warm = time.perf_counter()
         state.warm_up_buckets()
         ready.update(
             retrieve_s=got.retrieve_s,
             load_s=time.perf_counter() - t_load,
+            warm_up_s=time.perf_counter() - t_warm,
             source=got.source,
             bytes=got.bytes,
         )
@@ -211,6 +220,8 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
                 "ckpt_stall_s": stall,
                 "replay": step <= replay_until,
             }
+            if cost is not None:
+                rec["ckpt_time_s"] = cost
             if timing is not None:
                 rec.update(
                     ckpt_step=timing.step,
@@ -248,13 +259,20 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
 
 
 def _ckpt_cost(timing: SnapshotTiming | None, backend: CheckpointBackend) -> float | None:
-    """What one checkpoint costs if it blocked training: the input of the cadence policies."""
+    """What one checkpoint costs from start to complete (the paper's t_ckpt), or None.
+
+    The input of the cadence policies. A background persist finishes after
+    wait(): its cost is the newest finished one, and until one has finished
+    there is no measurement (the copy alone would make HighFreq checkpoint
+    every step and stall on the storage).
+    """
     if timing is None:
         return None
     persist = timing.persist_s
-    late = getattr(backend, "last_persisted", None)
-    if persist == 0.0 and late is not None:
-        # A background persist finishes after wait(): use the newest finished one.
+    if persist == 0.0 and getattr(backend, "persist", None) == "background":
+        late: SnapshotTiming | None = getattr(backend, "last_persisted", None)
+        if late is None:
+            return None
         persist = late.persist_s
     return timing.local_s + timing.replicate_s + persist
 
