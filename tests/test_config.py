@@ -202,6 +202,7 @@ REFUSALS: list[tuple[str, str, Callable[[GeminiConfig], None]]] = [
     ("unknown device", "cluster.device", _set("cluster.device", "tpu")),
     ("unknown launcher", "cluster.launcher", _set("cluster.launcher", "carrier-pigeon")),
     ("unknown parallelism", "train.parallel", _set("train.parallel", "pipeline")),
+    ("unknown optimizer kernel", "train.optimizer_impl", _set("train.optimizer_impl", "apex")),
     ("no steps", "train.steps", _set("train.steps", 0)),
     ("empty batch", "train.micro_batch", _set("train.micro_batch", 0)),
     ("zero learning rate", "train.lr", _set("train.lr", 0.0)),

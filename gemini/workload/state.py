@@ -51,6 +51,11 @@ class TrainState:
         distributed = dist.is_available() and dist.is_initialized()
         self.model: nn.Module = DDP(self.module) if distributed else self.module
         betas = (0.9, 0.95)
+        impl = {
+            "fused": {"fused": True},
+            "foreach": {"foreach": True},
+            "for_loop": {"foreach": False},
+        }[t.optimizer_impl]
         self.zero = t.parallel == "zero" and distributed
         if self.zero:
             self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
@@ -59,10 +64,11 @@ class TrainState:
                 lr=t.lr,
                 weight_decay=t.weight_decay,
                 betas=betas,
+                **impl,
             )
         else:
             self.optimizer = torch.optim.AdamW(
-                self.params, lr=t.lr, weight_decay=t.weight_decay, betas=betas
+                self.params, lr=t.lr, weight_decay=t.weight_decay, betas=betas, **impl
             )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.steps)
