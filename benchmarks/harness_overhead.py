@@ -86,7 +86,7 @@ def compose(args: argparse.Namespace, outputs: Path) -> GeminiConfig:
 def bare_rank(rank: int, world: int, port: int, cfg: GeminiConfig, out_dir: str) -> None:
     from gemini.workload.data import SyntheticData
     from gemini.workload.models import build_model
-    from gemini.workload.state import lr_lambda
+    from gemini.workload.state import adamw_options, lr_lambda
 
     t = cfg.train
     # Each harness node runs in a session of its own, and with the kernel's
@@ -100,7 +100,11 @@ def bare_rank(rank: int, world: int, port: int, cfg: GeminiConfig, out_dir: str)
     )
     model = DDP(build_model(cfg.model, t.seed))
     opt = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.95)
+        model.parameters(),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        betas=(0.9, 0.95),
+        **adamw_options(t.optimizer_impl),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps))
     data = SyntheticData(cfg.model, t.seed, t.micro_batch, t.seq_len, rank, world)

@@ -303,3 +303,18 @@ def test_sizes_helpers_are_consistent() -> None:
     assert sl.slot_bytes(10, 4097) == sl.PAGE + 2 * (sl.PAGE + 2 * sl.PAGE + sl.PAGE)
     assert sl.manifest_capacity_for(1000, 100 << 30) > 1000 * 100 + 25600 * 18
     assert sl.shm_available_bytes() > 0
+
+
+def test_view_state_is_verified_and_zero_copy(slots: sl.SlotSet) -> None:
+    idx = write_step(slots, 4)
+    manifest, views = slots.view_state(idx)
+    expected = make_state(4)
+    assert manifest.step == 4 and list(views) == list(expected)
+    for k, v in expected.items():
+        assert torch.equal(views[k], v), k
+    # The views are the slot's memory: a restore copies out of them, nothing else.
+    w = manifest.tensors[0]
+    slots.data_view(idx)[w.offset] ^= 0xFF
+    assert not torch.equal(views[w.name], expected[w.name])
+    with pytest.raises(fmt.ChecksumError):
+        slots.view_state(idx)

@@ -285,14 +285,20 @@ class MemoryBackend(CheckpointBackend):
             disk = self._disk or _disk_store(self.ctx)
             manifest, view = disk.read(self.ctx.rank, step)
             self._check(manifest, "storage")
-            tensors = fmt.read_state(view, manifest, copy=True)
+            # Views: the read buffer is ours alone and TrainState.load copies
+            # out of it at once, so a clone would only double memory and time.
+            tensors = fmt.read_state(view, manifest, copy=False)
             return Retrieved(step, tensors, manifest.extra, "storage", manifest.data_nbytes, 0.0)
         if kind == "peer":
             self._fetch_from_peer(step, int(source["node"]))
         idx = next((i for s, i in self.slots.complete_steps() if s == step), None)
         if idx is None:
             raise CheckpointError(f"rank {self.ctx.rank}: no complete step {step} in local memory")
-        manifest, tensors = self.slots.read_state(idx, verify=True)
+        # Views into our own slot, which TrainState.load copies out of: a copy
+        # here would allocate and fault in the whole state once more on the
+        # recovery's critical path. The next snapshot goes to the other slot.
+        # A fetched slot was verified as it was committed.
+        manifest, tensors = self.slots.view_state(idx, verify=kind != "peer")
         self._check(manifest, kind)
         self.slots.invalidate_newer_than(step)
         where = "local" if kind == "local" else f"peer:{source['node']}"

@@ -587,6 +587,24 @@ class SlotSet:
         self._check_unchanged(h)
         return manifest, state
 
+    def view_state(
+        self, idx: int, verify: bool = True
+    ) -> tuple[fmt.Manifest, dict[str, torch.Tensor]]:
+        """Verify (optionally) slot ``idx`` and return its tensors as views into the slot.
+
+        No copy, no allocation: for a restore that copies the views into the
+        live training state at once. The views alias the slot, so only a
+        caller that knows nobody rewrites this slot meanwhile may use them (a
+        trainer restoring its own slot: it is the slot's only writer, and its
+        next snapshot goes to the other slot).
+        """
+        h, manifest = self._read_manifest(idx)
+        if verify:
+            fmt.verify(self.data_view(idx), manifest)
+        state = fmt.read_state(self.data_tensor(idx), manifest, copy=False)
+        self._check_unchanged(h)
+        return manifest, state
+
     def raw_slot_view(self, idx: int) -> tuple[bytes, memoryview]:
         """Manifest bytes and data view (``data_nbytes`` long) of COMPLETE slot ``idx``.
 

@@ -39,6 +39,13 @@ def lr_lambda(warmup: int, total: int) -> Any:
     return f
 
 
+def adamw_options(impl: str) -> dict[str, bool]:
+    """The ``torch.optim.AdamW`` keyword that selects ``train.optimizer_impl``'s kernel."""
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[
+        impl
+    ]
+
+
 class TrainState:
     """Everything one rank needs to resume exactly, and how to (de)serialise it."""
 
@@ -51,11 +58,7 @@ class TrainState:
         distributed = dist.is_available() and dist.is_initialized()
         self.model: nn.Module = DDP(self.module) if distributed else self.module
         betas = (0.9, 0.95)
-        impl = {
-            "fused": {"fused": True},
-            "foreach": {"foreach": True},
-            "for_loop": {"foreach": False},
-        }[t.optimizer_impl]
+        impl = adamw_options(t.optimizer_impl)
         self.zero = t.parallel == "zero" and distributed
         if self.zero:
             self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(

@@ -165,6 +165,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             source=got.source,
             bytes=got.bytes,
         )
+        del got  # may alias the checkpoint's memory: state.load copied it out
     ready["t"] = time.time()
     store.set(f"progress/{rank}", str(state.step))
     store.set_json(f"ready/{gen}/{rank}", ready)
