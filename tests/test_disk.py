@@ -318,6 +318,15 @@ def tiny_config(persist: str, tmp_path: Path) -> dict[str, Any]:
     return {str(k): v for k, v in plain.items()}
 
 
+def stepped_state(config: dict[str, Any], tmp_path: Path) -> TrainState:
+    """``config``'s training state after one optimizer step (AdamW state exists)."""
+    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
+    state = TrainState(job.cfg, 0, 1, torch.device("cpu"))
+    state.forward_backward()
+    state.optimizer_step()
+    return state
+
+
 def make_backend(config: dict[str, Any], tmp_path: Path, config_hash: str = "h") -> DiskBackend:
     job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
     ctx = BackendContext(job, node=0, rank=0, local_rank=0, world_size=1, config_hash=config_hash)
@@ -383,10 +392,7 @@ def test_disk_backend_restores_train_state_bitwise(persist: str, tmp_path: Path)
 
 def test_disk_backend_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
     config = tiny_config("blocking", tmp_path)
-    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
-    state = TrainState(job.cfg, 0, 1, torch.device("cpu"))
-    state.forward_backward()
-    state.optimizer_step()
+    state = stepped_state(config, tmp_path)
     writer = make_backend(config, tmp_path, config_hash="aaaa")
     writer.snapshot(1, state)
     writer.wait()
@@ -400,10 +406,7 @@ def test_background_wait_returns_before_the_write_and_next_snapshot_waits_for_it
     tmp_path: Path,
 ) -> None:
     config = tiny_config("background", tmp_path)
-    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
-    state = TrainState(job.cfg, 0, 1, torch.device("cpu"))
-    state.forward_backward()
-    state.optimizer_step()
+    state = stepped_state(config, tmp_path)
     nbytes = fmt.layout(state.tensors())[1]
     write_s = 0.6
     # An emulated cap at which this checkpoint's write takes ~write_s seconds.
@@ -428,10 +431,7 @@ def test_background_checkpoint_cost_is_unknown_until_a_persist_finishes(tmp_path
     from gemini.workload.trainer import _ckpt_cost
 
     config = tiny_config("background", tmp_path)
-    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
-    state = TrainState(job.cfg, 0, 1, torch.device("cpu"))
-    state.forward_backward()
-    state.optimizer_step()
+    state = stepped_state(config, tmp_path)
     nbytes = fmt.layout(state.tensors())[1]
     config["backend"]["bandwidth_gbps"] = nbytes * 8 / 0.5 / 1e9  # ~0.5 s per write
     backend = make_backend(config, tmp_path)
@@ -448,12 +448,10 @@ def test_background_checkpoint_cost_is_unknown_until_a_persist_finishes(tmp_path
 
 def test_background_write_failure_surfaces_by_close(tmp_path: Path) -> None:
     config = tiny_config("background", tmp_path)
-    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
-    state = TrainState(job.cfg, 0, 1, torch.device("cpu"))
-    state.forward_backward()
-    state.optimizer_step()
+    state = stepped_state(config, tmp_path)
     not_a_dir = tmp_path / "file"
     not_a_dir.write_bytes(b"")
+    job = JobSpec(run_id="job1", job_dir=str(tmp_path), store="", secret_file="", config=config)
     ctx = BackendContext(job, node=0, rank=0, local_rank=0, world_size=1, config_hash="h")
     backend = DiskBackend(ctx, root=not_a_dir)
     backend.snapshot(1, state)
