@@ -67,6 +67,7 @@ __all__ = [
     "decode_manifest",
     "encode_manifest",
     "storage_complete_steps",
+    "storage_dir",
     "storage_root",
 ]
 
@@ -225,14 +226,15 @@ def decode_manifest(raw: bytes, where: str | Path) -> fmt.Manifest:
         raise fmt.FormatError(f"{where}: {e}") from None
 
 
-def storage_root(job_config: dict[str, Any], job_dir: str | Path) -> Path:
-    """Where the ``disk`` backend and the persistent tier write, from a plain job config.
-
-    The same rule as :func:`gemini.checkpoint.preflight.disk_root` (which takes
-    the typed config): ``backend.path`` if set, else ``<job_dir>/checkpoints``.
-    """
-    path = str(job_config.get("backend", {}).get("path") or "")
+def storage_dir(path: str, job_dir: str | Path) -> Path:
+    """Where the ``disk`` backend and the persistent tier write: ``backend.path``
+    if set, else ``<job_dir>/checkpoints``."""
     return Path(path) if path else Path(job_dir) / "checkpoints"
+
+
+def storage_root(job_config: dict[str, Any], job_dir: str | Path) -> Path:
+    """:func:`storage_dir` from a plain job config (what agents and trainers hold)."""
+    return storage_dir(str(job_config.get("backend", {}).get("path") or ""), job_dir)
 
 
 # -- the store ------------------------------------------------------------------

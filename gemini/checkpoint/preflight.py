@@ -15,7 +15,9 @@ from gemini.config import ConfigError, GeminiConfig
 
 def disk_root(cfg: GeminiConfig, job_dir: Path) -> Path:
     """Where the ``disk`` backend (and the persistent tier) writes."""
-    return Path(cfg.backend.path) if cfg.backend.path else job_dir / "checkpoints"
+    from gemini.checkpoint.disk import storage_dir
+
+    return storage_dir(cfg.backend.path, job_dir)
 
 
 def preflight(cfg: GeminiConfig, job_dir: Path) -> None:
