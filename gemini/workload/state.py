@@ -39,11 +39,16 @@ def lr_lambda(warmup: int, total: int) -> Any:
     return f
 
 
+_ADAMW_KERNELS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "for_loop": {"foreach": False},
+}
+
+
 def adamw_options(impl: str) -> dict[str, bool]:
     """The ``torch.optim.AdamW`` keyword that selects ``train.optimizer_impl``'s kernel."""
-    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[
-        impl
-    ]
+    return dict(_ADAMW_KERNELS[impl])
 
 
 class TrainState:

@@ -264,8 +264,9 @@ def _ckpt_cost(timing: SnapshotTiming | None, backend: CheckpointBackend) -> flo
 
     The input of the cadence policies. A background persist finishes after
     wait(): its cost is the newest finished one, and until one has finished
-    there is no measurement (the copy alone would make HighFreq checkpoint
-    every step and stall on the storage).
+    there is no measurement. The copy alone would understate t_ckpt many
+    times over and keep HighFreq's interval short until that sample left
+    the policy's moving average.
     """
     if timing is None:
         return None
