@@ -68,9 +68,11 @@ from typing import Any
 import torch
 
 try:
+    from benchmarks.disk import _payload as payload
     from benchmarks.disk import overhead as disk_overhead
     from benchmarks.transport import SECRET, _raw_receiver
 except ModuleNotFoundError:  # run as a script, as `make bench` does: siblings are top level
+    from disk import _payload as payload  # type: ignore[no-redef]
     from disk import overhead as disk_overhead  # type: ignore[no-redef]
     from transport import SECRET, _raw_receiver  # type: ignore[no-redef]
 from gemini.checkpoint import format as fmt
@@ -338,17 +340,8 @@ def replication(mib: int, repeat: int, chunk: int) -> Row:
     from gemini.cluster.transport import TransportClient
 
     size = mib << 20
-    data = memoryview(bytearray(os.urandom(1 << 20)) * mib)
-    manifest = fmt.make_manifest(
-        {"data": torch.frombuffer(data, dtype=torch.uint8)},
-        step=0,
-        rank=0,
-        world_size=1,
-        config_hash="bench",
-        extra={},
-        buf=data,
-        chunk_bytes=chunk,
-    )
+    manifest, tensor = payload(size, chunk)
+    data = memoryview(tensor.numpy())
     ctx = mp.get_context("spawn")  # torch threads exist here: no fork
     raw_pipe, raw_child = ctx.Pipe()
     tr_pipe, tr_child = ctx.Pipe()

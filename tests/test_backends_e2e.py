@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 
 from gemini.checkpoint.disk import storage_complete_steps
 from gemini.checkpoint.slot import list_segments
-from gemini.cli import CONF
 from gemini.cluster.job import JobSpec, run_processes
-from gemini.config import config_hash, register_configs, to_schema
+from gemini.config import config_hash, to_schema
 from gemini.experiment import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
@@ -61,23 +59,10 @@ def assert_left_nothing(run_id: str) -> None:
 def reference_digest(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The failure-free, checkpoint-free run: what every backend must reproduce."""
     outputs = tmp_path_factory.mktemp("reference")
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=[
-                    *CLUSTER,
-                    "backend=none",
-                    "failure=none",
-                    "tracking=off",
-                    "progress=false",
-                    f"paths.outputs={outputs}",
-                ],
-            )
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_config(
+        [*CLUSTER, "backend=none", "failure=none", "tracking=off", "progress=false",
+         f"paths.outputs={outputs}"]
+    )  # fmt: skip
     summary = run(to_schema(cfg), job_dir=outputs / "job")
     assert summary["outcome"] == "completed"
     assert summary["checkpoints"] == 0 and summary["ckpt_local_s"] is None

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 
 from gemini.checkpoint.slot import list_segments
-from gemini.cli import CONF
 from gemini.cluster.job import run_processes
-from gemini.config import register_configs, to_schema
+from gemini.config import to_schema
 from gemini.experiment import run
 from gemini.recovery import RECOVERY_METRICS
 
@@ -83,24 +81,10 @@ class References:
 
     def _run(self, steps: int) -> str:
         outputs = self.root / f"steps{steps}"
-        register_configs()
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose(
-                    "config",
-                    overrides=[
-                        *CLUSTER,
-                        f"train.steps={steps}",
-                        "backend=none",
-                        "failure=none",
-                        "tracking=off",
-                        "progress=false",
-                        f"paths.outputs={outputs}",
-                    ],
-                )
-        finally:
-            GlobalHydra.instance().clear()
+        cfg = compose_config(
+            [*CLUSTER, f"train.steps={steps}", "backend=none", "failure=none",
+             "tracking=off", "progress=false", f"paths.outputs={outputs}"]
+        )  # fmt: skip
         summary = run(to_schema(cfg), job_dir=outputs / "job")
         assert summary["outcome"] == "completed" and summary["recoveries"] == []
         assert_left_nothing(summary["run_id"])

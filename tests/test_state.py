@@ -26,6 +26,13 @@ def test_every_adamw_kernel_is_deterministic_and_matches_the_predicted_layout(
 ) -> None:
     cfg = compose_cfg("model=gpt_tiny", f"train.optimizer_impl={impl}", "train.micro_batch=2")
     fresh = TrainState(to_schema(cfg), 0, 1, torch.device("cpu"))
+    # The setting reaches torch: the optimizer runs the kernel it names.
+    defaults = fresh.optimizer.defaults
+    assert (bool(defaults.get("fused")), defaults.get("foreach")) == {
+        "fused": (True, None),
+        "foreach": (False, True),
+        "for_loop": (False, False),
+    }[impl]
     spec = fresh.checkpoint_spec()
     a, b = _train(cfg, 3), _train(cfg, 3)
     assert a.digest() == b.digest()

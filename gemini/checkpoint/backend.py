@@ -125,6 +125,14 @@ class CheckpointBackend(ABC):
         timing.stall_s += time.perf_counter() - t0
         return timing
 
+    def checkpoint_cost(self, timing: SnapshotTiming) -> float | None:
+        """One checkpoint from start to complete (the paper's t_ckpt), or None if unknown.
+
+        ``timing`` is what :meth:`wait` returned. The input of the cadence
+        policies, and what ``ckpt_time_s`` reports.
+        """
+        return timing.local_s + timing.replicate_s + timing.persist_s
+
     def complete_steps(self) -> list[int]:
         """Steps of this rank with a complete checkpoint here, newest first."""
         return self._complete_steps()

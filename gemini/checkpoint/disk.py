@@ -603,6 +603,16 @@ class DiskBackend(CheckpointBackend):
             self._copy_done.wait()
             self._raise_if_failed()
 
+    def checkpoint_cost(self, timing: SnapshotTiming) -> float | None:
+        """A background persist finishes after wait(): cost it with the newest
+        finished one, and until one has finished there is no measurement. The
+        copy alone would understate t_ckpt many times over and keep HighFreq's
+        interval short until that sample left the policy's moving average."""
+        if self.persist == "background" and timing.persist_s == 0.0:
+            late = self.last_persisted
+            return None if late is None else timing.local_s + late.persist_s
+        return super().checkpoint_cost(timing)
+
     def _complete_steps(self) -> list[int]:
         return self.store.rank_steps(self.ctx.rank)
 

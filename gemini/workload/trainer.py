@@ -196,7 +196,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             # Stall is what this iteration itself waited (wait + snapshot
             # calls); a snapshot's own stall_s spans two iterations.
             compute_s = max(0.0, iter_s - stall)
-            cost = _ckpt_cost(timing, backend)
+            cost = None if timing is None else backend.checkpoint_cost(timing)
             if adaptive:
                 # Ranks must checkpoint the same steps, or no step is complete
                 # everywhere: feed every policy the same (slowest) timings.
@@ -257,26 +257,6 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
         backend.close()
     dist.destroy_process_group()
     return 0
-
-
-def _ckpt_cost(timing: SnapshotTiming | None, backend: CheckpointBackend) -> float | None:
-    """What one checkpoint costs from start to complete (the paper's t_ckpt), or None.
-
-    The input of the cadence policies. A background persist finishes after
-    wait(): its cost is the newest finished one, and until one has finished
-    there is no measurement. The copy alone would understate t_ckpt many
-    times over and keep HighFreq's interval short until that sample left
-    the policy's moving average.
-    """
-    if timing is None:
-        return None
-    persist = timing.persist_s
-    if persist == 0.0 and getattr(backend, "persist", None) == "background":
-        late: SnapshotTiming | None = getattr(backend, "last_persisted", None)
-        if late is None:
-            return None
-        persist = late.persist_s
-    return timing.local_s + timing.replicate_s + persist
 
 
 SPARE_UNSUPPORTED = 75
