@@ -4,6 +4,10 @@ real MLflow store (sqlite in ``tmp_path``), tagged the way the controller tags i
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,7 +91,7 @@ def test_the_verdict_compares_digests_and_says_why_when_it_cannot() -> None:
 
 
 @pytest.fixture
-def client(tmp_path: Any) -> Any:
+def client(tmp_path: Path) -> Any:
     import mlflow
 
     return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -151,3 +155,46 @@ def test_a_run_with_failures_is_judged_against_its_reference_in_the_store(client
         "gemini.exact": "yes",
         "gemini.exact_reference": ref,
     }
+
+
+# -- one sweep: the reference and the verdict ----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.usefixtures("no_leftovers")
+def test_a_sweep_with_and_without_a_failure_reports_the_second_job_exact(
+    gemini_cli: Callable[..., Any], tmp_path: Path, outputs_dir: Path, mlflow_uri: str
+) -> None:
+    import mlflow
+
+    rc, out, err = gemini_cli(
+        [
+            "-m",
+            "failure=none,hardware_once",
+            "failure.at_step=3",
+            "backend=replicated",
+            "model=mlp",
+            "train.steps=6",
+            "cluster.nodes=2",
+            "cluster.heartbeat_s=0.5",
+            f"tracking.uri={mlflow_uri}",
+        ],
+        cwd=tmp_path,
+        timeout_s=380,
+    )
+    assert rc == 0, err
+    (sweep,) = (outputs_dir / "multiruns").iterdir()
+    first, second = (json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json")))
+    assert "exact" not in first  # failure-free: it is the reference
+    assert second["recoveries"], "the failure was injected and recovered from"
+    ref = first["mlflow_run_id"]
+    assert (second["exact"], second["exact_reference_run"]) == ("yes", ref)
+    assert re.search(rf"^exact\s+yes \(reference run {ref}\)$", out, re.MULTILINE), out
+    client = mlflow.MlflowClient(mlflow_uri)
+    tags = client.get_run(second["mlflow_run_id"]).data.tags
+    assert (tags["gemini.exact"], tags["gemini.exact_reference"]) == ("yes", ref)
+    assert tags["gemini.state_digest"] == first["state_digest"] == second["state_digest"]
+    ref_tags = client.get_run(ref).data.tags
+    assert ref_tags["gemini.config_hash"] == tags["gemini.config_hash"]
+    assert "gemini.exact" not in ref_tags
