@@ -19,7 +19,8 @@ from conftest import compose_config
 
 from gemini.checkpoint.disk import storage_complete_steps
 from gemini.checkpoint.slot import list_segments
-from gemini.cluster.job import JobSpec, run_processes
+from gemini.cluster.job import JobSpec
+from gemini.cluster.processes import run_processes
 from gemini.config import config_hash, to_schema
 from gemini.experiment import run
 

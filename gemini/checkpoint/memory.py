@@ -1,7 +1,7 @@
 """In-memory checkpoints: ``memory`` (local CPU memory) and ``replicated`` (+ m-1 peers).
 
 The trainer's side. The slots live in POSIX shared memory owned by the
-node's worker agent (``agent_side``), so a trainer crash loses nothing. At
+node's worker agent (``node_memory``), so a trainer crash loses nothing. At
 start-up the trainer announces the exact size of its checkpoint; its agent
 (and, for ``replicated``, its holders' agents) allocate and touch two slots of
 that size once, and the trainer maps its local slots.

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 
 from gemini.checkpoint.slot import unlink_prefix
-from gemini.cluster.job import JobSpec, kill_tree, run_processes, spawn_module, terminate_tree
+from gemini.cluster.job import JobSpec
+from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
 
