@@ -364,14 +364,11 @@ class ReplicatedBackend(MemoryBackend):
 
 
 def _disk_store(ctx: BackendContext) -> DiskStore:
-    from pathlib import Path
-
-    from gemini.checkpoint.disk import DiskStore
-    from gemini.checkpoint.preflight import disk_root
+    from gemini.checkpoint.disk import DiskStore, storage_dir
 
     b = ctx.job.cfg.backend
     return DiskStore(
-        disk_root(ctx.job.cfg, Path(ctx.job.job_dir)),
+        storage_dir(ctx.job.cfg, ctx.job.job_dir),
         ctx.job.run_id,
         bandwidth_gbps=b.bandwidth_gbps,
         keep_last=b.keep_last,

@@ -8,6 +8,7 @@ transport peers sits beside it in a file only the owner can read.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -31,18 +32,19 @@ class JobSpec:
     secret_file: str
     """File holding the per-run transport secret (hex), mode 0600."""
     config: dict[str, Any]
-    """The resolved config (GeminiConfig as a plain dict)."""
+    """The resolved config as a plain dict: what ``job.json`` carries."""
 
-    @property
+    @functools.cached_property
     def cfg(self) -> GeminiConfig:
+        """The typed config, built once per process from :attr:`config`; every
+        component reads this, never the plain dict."""
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GeminiConfig), self.config))
         assert isinstance(obj, GeminiConfig)
         return obj
 
     @property
     def world_size(self) -> int:
-        c = self.config["cluster"]
-        return int(c["nodes"]) * int(c["ranks_per_node"])
+        return self.cfg.cluster.nodes * self.cfg.cluster.ranks_per_node
 
     def secret(self) -> bytes:
         return bytes.fromhex(Path(self.secret_file).read_text().strip())
