@@ -318,22 +318,3 @@ def make_cadence(
     if name == "young_daly":
         return YoungDaly(mtbf_s, warmup_steps)
     raise CadenceError("backend.cadence", name, f"use one of {', '.join(CADENCES)}")
-
-
-def persist_due(last_persist_time: float, now: float, persist_every_s: float) -> bool:
-    """Whether the periodic persistent checkpoint is due.
-
-    Gemini keeps a persistent checkpoint every few hours as its last resort,
-    for when every in-memory holder of some shard is lost at once (§3).
-    ``persist_every_s <= 0`` disables it; times are seconds on one clock.
-    """
-    for key, value in (
-        ("backend.persist_every_s", persist_every_s),
-        ("last_persist_time", last_persist_time),
-        ("now", now),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise CadenceError(key, value, "must be a number of seconds")
-    if persist_every_s <= 0:
-        return False
-    return now - last_persist_time >= persist_every_s

@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from gemini.workload.state import TrainState
 
 
-def segment_kind(source_node: int, holder_node: int) -> str:
-    return "local" if source_node == holder_node else "replica"
-
-
 def replica_holders(cfg: GeminiConfig, node: int) -> list[int]:
     """The m-1 nodes that hold ``node``'s checkpoints (none for ``memory``)."""
     if cfg.backend.name != "replicated" or cfg.backend.replication.factor <= 1:
