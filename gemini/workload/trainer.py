@@ -111,7 +111,7 @@ def wait_for_generation(store: Store, gen: int, world: int) -> None:
 
 def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     """Run one rank of one generation to the end of training (or its death)."""
-    from gemini.checkpoint.cadence import make_cadence
+    from gemini.checkpoint.cadence import cadence_for
     from gemini.workload.state import TrainState
 
     cfg = job.cfg
@@ -140,9 +140,8 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg))
     backend: CheckpointBackend = make_backend(ctx)
     b = cfg.backend
-    cadence = make_cadence(
-        b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s
-    )
+    # Built once already by gemini.config.validate before the job started.
+    cadence = cadence_for(cfg)
 
     start_step = int(plan.get("start_step", 0))
     ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step}
