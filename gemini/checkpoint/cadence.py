@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from gemini.config import GeminiConfig
 
 CADENCES = ("every_n", "highfreq", "checkfreq", "young_daly")
 
@@ -318,3 +321,12 @@ def make_cadence(
     if name == "young_daly":
         return YoungDaly(mtbf_s, warmup_steps)
     raise CadenceError("backend.cadence", name, f"use one of {', '.join(CADENCES)}")
+
+
+def cadence_for(cfg: GeminiConfig) -> CadencePolicy:
+    """The policy ``cfg.backend`` asks for: what each trainer builds, and what
+    ``gemini.config.validate`` builds once before anything starts."""
+    b = cfg.backend
+    return make_cadence(
+        b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s
+    )

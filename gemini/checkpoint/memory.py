@@ -163,9 +163,12 @@ class MemoryBackend(CheckpointBackend):
             self._persist_thread.join()
             self._persist_thread = None
         idx = self.slots.begin_write(step)
+        # The first snapshot at or after the armed step: a cadence that skips
+        # the armed step itself still gets its kill (gemini.config.validate
+        # refuses a run in which no snapshot would follow it).
         kill_midway = (
             self._arm is not None
-            and int(self._arm["step"]) == step
+            and step >= int(self._arm["step"])
             and not self.store.exists(f"inject/fired/{self._arm['id']}")
         )
         self._error = None

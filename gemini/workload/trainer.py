@@ -205,12 +205,11 @@ class CadenceAgreement:
     """
 
     def __init__(self, cfg: GeminiConfig, backend: CheckpointBackend, device: torch.device) -> None:
-        from gemini.checkpoint.cadence import make_cadence
+        from gemini.checkpoint.cadence import cadence_for
 
         b = cfg.backend
-        self.policy = make_cadence(
-            b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s
-        )
+        # Built once already by gemini.config.validate before the job started.
+        self.policy = cadence_for(cfg)
         self.backend, self.device = backend, device
         self.adaptive = b.cadence != "every_n"
         self.persist_every_s = b.persist_every_s if hasattr(backend, "persist_interval") else 0.0
