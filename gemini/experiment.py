@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gemini.cluster import keys
 from gemini.config import ConfigError, GeminiConfig, to_schema
 from gemini.recovery import PHASES, RECOVERY_METRICS
 from gemini.tracking import tracking_uri, ui_command
@@ -170,8 +171,8 @@ class Controller:
             while True:
                 cluster.service()
                 injector.tick()
-                if store.exists("root/result"):
-                    res = store.get_json("root/result")
+                if store.exists(keys.ROOT_RESULT):
+                    res = store.get_json(keys.ROOT_RESULT)
                     self.reason = res.get("reason", "")
                     return str(res["status"])
                 if bar is not None:
@@ -179,7 +180,7 @@ class Controller:
                     if step != last:
                         bar.update(step - last)
                         last = step
-                hb = store.counter("hb/root")
+                hb = store.counter(keys.HB_ROOT)
                 now = time.monotonic()
                 if hb != root_hb:
                     root_hb, root_seen = hb, now
@@ -196,18 +197,18 @@ class Controller:
 
 def progress(store: Any, world: int) -> int:
     steps = [
-        int(store.raw.get(f"progress/{r}")) for r in range(world) if store.exists(f"progress/{r}")
+        int(store.raw.get(keys.progress(r))) for r in range(world) if store.exists(keys.progress(r))
     ]
     return min(steps) if len(steps) == world else 0
 
 
 def collect(store: Any, world: int) -> dict[str, Any]:
     """Everything the ranks and the root reported through the store."""
-    per_rank = {r: store.read_lines(f"metrics/{r}") for r in range(world)}
-    gen = store.counter("ctl/gen")
-    finals = {r: store.get_json_or(f"final/{gen}/{r}") for r in range(world)}
-    readies = {r: store.get_json_or(f"ready/{gen}/{r}") for r in range(world)}
-    recoveries = [rec for _, rec in store.items("recovery")]
+    per_rank = {r: store.read_lines(keys.metrics(r)) for r in range(world)}
+    gen = store.counter(keys.GEN)
+    finals = {r: store.get_json_or(keys.final(gen, r)) for r in range(world)}
+    readies = {r: store.get_json_or(keys.ready(gen, r)) for r in range(world)}
+    recoveries = [rec for _, rec in store.items(keys.RECOVERY)]
     # A step replayed after a recovery is reported again: the last report of
     # each step is the timeline that produced the final state.
     by_step: dict[int, list[dict[str, Any]]] = {}
@@ -248,7 +249,7 @@ def collect(store: Any, world: int) -> dict[str, Any]:
         "recoveries": recoveries,
         "gen": gen,
         "final_waits": finals_tail,
-        "root": store.get_json_or("root/result", {}),
+        "root": store.get_json_or(keys.ROOT_RESULT, {}),
     }
 
 

@@ -21,6 +21,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from gemini.cluster import keys
 from gemini.schedules import FailureEvent, build_schedule
 
 if TYPE_CHECKING:
@@ -74,15 +75,15 @@ class Injector:
         for i, ev in self.pending:
             if ev.kind == "kill_during_snapshot":
                 rank = ev.nodes[0] * rpn + ev.rank_in_node
-                store.set_json(f"inject/arm/{rank}", {"id": i, "step": ev.at_step, **ev.to_dict()})
+                store.set_json(keys.inject_arm(rank), {"id": i, "step": ev.at_step, **ev.to_dict()})
         self.pending = [(i, ev) for i, ev in self.pending if ev.kind != "kill_during_snapshot"]
 
     def progress(self) -> int:
         world = self.job.world_size
         vals = [
-            int(self.store.raw.get(f"progress/{r}"))
+            int(self.store.raw.get(keys.progress(r)))
             for r in range(world)
-            if self.store.exists(f"progress/{r}")
+            if self.store.exists(keys.progress(r))
         ]
         return max(vals, default=0)
 
@@ -106,23 +107,23 @@ class Injector:
         record = {"id": idx, **ev.to_dict(), "t": time.time(), "step": step, "what": ev.describe()}
         rpn = self.job.cfg.cluster.ranks_per_node
         if ev.kind == "software":
-            gen = self.store.counter("ctl/gen")
+            gen = self.store.counter(keys.GEN)
             rank = ev.nodes[0] * rpn + ev.rank_in_node
-            info = self.store.get_json_or(f"trainer/{gen}/{rank}")
+            info = self.store.get_json_or(keys.trainer(gen, rank))
             if info is None:
                 return
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             _kill(int(info["pid"]))
         elif ev.kind == "hardware":
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             for n in ev.nodes:
                 self.cluster.kill_node(n)
         elif ev.kind == "root_loss":
-            info = self.store.get_json_or("root/pid")
+            info = self.store.get_json_or(keys.ROOT_PID)
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             if info is not None:
                 _kill(int(info["pid"]))
         elif ev.kind == "corruption":
@@ -134,7 +135,7 @@ class Injector:
             for n in ev.nodes:
                 self.cluster.kill_node(n)
             record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
         self.fired.append(record)
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from gemini.cluster import keys
 from gemini.cluster.job import run_processes
 from gemini.cluster.store import Store
 
@@ -61,9 +62,9 @@ def wait_for_training(job: dict[str, Any], min_step: int, timeout_s: float) -> i
     deadline = time.monotonic() + timeout_s
     step = 0
     while time.monotonic() < deadline:
-        keys = [f"progress/{r}" for r in range(world)]
-        if all(store.exists(k) for k in keys):
-            step = min(int(store.raw.get(k)) for k in keys)
+        progress = [keys.progress(r) for r in range(world)]
+        if all(store.exists(k) for k in progress):
+            step = min(int(store.raw.get(k)) for k in progress)
             if step >= min_step:
                 return step
         time.sleep(0.2)

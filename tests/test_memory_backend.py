@@ -33,6 +33,7 @@ from gemini.checkpoint.agent_side import corrupt_replica
 from gemini.checkpoint.backend import BackendContext, CheckpointBackend, make_backend
 from gemini.checkpoint.memory import check_shm_budget, estimate_rank_bytes
 from gemini.checkpoint.slot import list_segments, shm_available_bytes, unlink_prefix
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec, kill_tree, new_secret_file, run_processes, spawn_module
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig, config_hash, to_schema
@@ -107,7 +108,7 @@ class Nodes:
 
     def wait_agent(self, node: int, incarnation: int) -> None:
         deadline = time.monotonic() + AGENT_START_S
-        while self.store.get_json_or(f"agent/node{node}", {}).get("incarnation", 0) < incarnation:
+        while self.store.get_json_or(keys.agent(node), {}).get("incarnation", 0) < incarnation:
             assert self.agents[node].poll() is None, self.agent_log(node)
             assert time.monotonic() < deadline, f"agent {node} did not register"
             time.sleep(0.05)
@@ -122,7 +123,7 @@ class Nodes:
         unlink_prefix(f"gemini-{self.run_id}-n{node}-")
 
     def replace_node(self, node: int) -> None:
-        before = self.store.get_json(f"agent/node{node}")["incarnation"]
+        before = self.store.get_json(keys.agent(node))["incarnation"]
         self.start_agent(node)
         self.wait_agent(node, incarnation=before + 1)
 
@@ -134,18 +135,18 @@ class Nodes:
 
     def inventory(self) -> dict[int, dict[str, list[int]]]:
         """What the root would be told: verified steps per source rank, per node."""
-        n = self.store.incr("inv/req")
+        n = self.store.incr(keys.INV_REQ)
         out = {}
         for node, proc in self.agents.items():
             if proc.poll() is not None:
                 continue  # a lost node answers nothing
-            key = f"inv/{n}/{node}"
+            key = keys.inventory(n, node)
             assert self.store.wait_for(key, 30.0), f"node {node} did not answer"
             out[node] = self.store.get_json(key)
         return out
 
     def close(self) -> None:
-        self.store.set("ctl/done", "1")
+        self.store.set(keys.DONE, "1")
         for p in self.agents.values():
             try:
                 p.wait(timeout=10)

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from gemini.checkpoint.slot import unlink_prefix
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec, kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
@@ -75,7 +76,7 @@ class LocalCluster:
             new_session=True,
             env=self.env,
         )
-        self.store.set_json("root/pid", {"pid": self.root.pid})
+        self.store.set_json(keys.ROOT_PID, {"pid": self.root.pid})
         for n in range(self.job.cfg.cluster.nodes):
             self.start_node(n)
 
@@ -87,7 +88,7 @@ class LocalCluster:
             new_session=True,
             env=self.env,
         )
-        self.store.set_json(f"launcher/node{node}", {"pid": self.nodes[node].pid})
+        self.store.set_json(keys.launcher(node), {"pid": self.nodes[node].pid})
 
     def node_pid(self, node: int) -> int | None:
         p = self.nodes.get(node)
@@ -103,7 +104,7 @@ class LocalCluster:
 
     def service(self) -> None:
         """Serve the root's requests to replace nodes (fresh process tree, empty memory)."""
-        for n, req in self.store.items("spawn", self.spawn_seen + 1):
+        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
             self.spawn_seen = n
             node = int(req["node"])
             p = self.nodes.get(node)
@@ -112,7 +113,7 @@ class LocalCluster:
             unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
             self.start_node(node)
             self.replaced.append((node, time.time()))
-            self.store.set_json(f"spawn/{n}/ack", {"node": node, "t": time.time()})
+            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
 
     def root_alive(self) -> bool:
         return self.root is not None and self.root.poll() is None
@@ -120,7 +121,7 @@ class LocalCluster:
     def teardown(self) -> None:
         """Stop everything this job started, and free its shared memory."""
         with contextlib.suppress(Exception):
-            self.store.set("ctl/abort", "1")
+            self.store.set(keys.ABORT, "1")
         procs = [p for p in [self.root, *self.nodes.values()] if p is not None]
         for p in procs:
             if p.poll() is None:

@@ -5,30 +5,8 @@ etcd); it outlives the root agent, so a newly elected root finds the job's
 state there. Everything here is JSON or integers: nothing read from the store
 is ever unpickled.
 
-Key space (all keys are strings):
-
-=========================== ==================================================
-``hb/node{i}``, ``hb/root``  heartbeat counters (``add``), compared by the
-                             reader against its own clock: immune to skew
-``agent/node{i}``            JSON: pid, transport address, incarnation
-``ctl/gen``                  current generation (counter); a generation is one
-                             launch of all trainer ranks
-``ctl/plan/{g}``             JSON plan of generation g: start step, per-rank
-                             restore source
-``ctl/stop/{g}``             teardown request for generation g's trainers
-``ctl/done``, ``ctl/abort``  the job finished / is being torn down
-``trainer/{g}/{r}``          JSON: pid and node of rank r in generation g
-``exit/{g}/{r}``             JSON: exit code of rank r in generation g
-``ready/{g}/{r}``            JSON: restore timings of rank r in generation g
-``progress/{r}``             last completed step of rank r
-``metrics/{r}``              newline-separated JSON records, appended
-``final/{g}/{r}``            JSON: the final digest and run means of rank r
-``spawn/n``, ``spawn/{n}``   requests from the root to (re)start a node
-``inject/n``, ``inject/{n}`` injected failures, with their wall time
-``recovery/n``,
-``recovery/{n}``             one JSON record per recovery, phase by phase
-``root/...``                 root agent state (epoch, result)
-=========================== ==================================================
+Every key, who writes and reads it, and whether its value is signed:
+``gemini.cluster.keys.TABLE``.
 """
 
 from __future__ import annotations
@@ -39,6 +17,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+
+from gemini.cluster import keys
 
 
 class Store:
@@ -103,16 +83,16 @@ class Store:
 
     def push(self, queue: str, record: Any) -> int:
         """Append a record to a numbered list ``{queue}/{n}``; returns n (1-based)."""
-        n = self.incr(f"{queue}/n")
-        self.set_json(f"{queue}/{n}", record)
+        n = self.incr(keys.queue_length(queue))
+        self.set_json(keys.queue_item(queue, n), record)
         return n
 
     def items(self, queue: str, start: int = 1) -> list[tuple[int, Any]]:
         """Records of a numbered list from ``start`` on (those already written)."""
-        last = self.counter(f"{queue}/n")
+        last = self.counter(keys.queue_length(queue))
         out = []
         for n in range(start, last + 1):
-            key = f"{queue}/{n}"
+            key = keys.queue_item(queue, n)
             if self.exists(key):
                 out.append((n, self.get_json(key)))
         return out

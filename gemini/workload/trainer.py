@@ -29,6 +29,7 @@ from gemini.checkpoint.backend import (
     SnapshotTiming,
     make_backend,
 )
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
 from gemini.config import GeminiConfig, config_hash
@@ -50,8 +51,8 @@ class Reporter:
     def _flush(self, batch: list[dict[str, Any]]) -> None:
         if not batch:
             return
-        self.store.append(f"metrics/{self.rank}", "".join(_json_line(r) for r in batch))
-        self.store.set(f"progress/{self.rank}", str(batch[-1]["step"]))
+        self.store.append(keys.metrics(self.rank), "".join(_json_line(r) for r in batch))
+        self.store.set(keys.progress(self.rank), str(batch[-1]["step"]))
 
     def _run(self) -> None:
         done = False
@@ -103,7 +104,7 @@ def wait_for_generation(store: Store, gen: int, world: int) -> None:
     """
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     for r in range(world):
-        if not store.wait_for(f"trainer/{gen}/{r}", max(0.0, deadline - time.monotonic())):
+        if not store.wait_for(keys.trainer(gen, r), max(0.0, deadline - time.monotonic())):
             raise RuntimeError(
                 f"rank {r} of generation {gen} did not start in {LAUNCH_TIMEOUT_S:.0f} s"
             )
@@ -117,8 +118,8 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     cfg = job.cfg
     torch.set_num_threads(cfg.cluster.threads_per_rank)
     store = Store.from_address(job.store)
-    store.set_json(f"trainer/{gen}/{rank}", {"pid": os.getpid(), "node": node})
-    plan = store.get_json(f"ctl/plan/{gen}")
+    store.set_json(keys.trainer(gen, rank), {"pid": os.getpid(), "node": node})
+    plan = store.get_json(keys.plan(gen))
     world = job.world_size
     device = pick_device(cfg, local_rank)
     wait_for_generation(store, gen, world)
@@ -126,7 +127,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     # restart into phases along the slowest rank's path.
     milestones = {"t_rdzv_start": time.time()}
     t_rdzv = time.perf_counter()
-    pg_store = dist.PrefixStore(f"gen{gen}/pg", store.raw)
+    pg_store = dist.PrefixStore(keys.pg_prefix(gen), store.raw)
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo",
         store=pg_store,
@@ -167,8 +168,8 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
         )
         del got  # may alias the checkpoint's memory: state.load copied it out
     ready["t"] = time.time()
-    store.set(f"progress/{rank}", str(state.step))
-    store.set_json(f"ready/{gen}/{rank}", ready)
+    store.set(keys.progress(rank), str(state.step))
+    store.set_json(keys.ready(gen, rank), ready)
     reporter = Reporter(job, rank, gen)
     replay_until = int(plan.get("replay_until", 0))
     samples = cfg.train.micro_batch * world
@@ -249,7 +250,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
                 }
             )
         digest = state.digest()
-        store.set_json(f"final/{gen}/{rank}", {"digest": digest, "step": state.step})
+        store.set_json(keys.final(gen, rank), {"digest": digest, "step": state.step})
         # Everyone has reported before anyone tears the group down.
         dist.barrier()
     finally:
