@@ -91,14 +91,15 @@ class Controller:
 
         cfg = self.cfg
         preflight(cfg, self.job_dir)
-        store = Store(cfg.cluster.host, 0, timeout_s=60.0, master=True)
         job = JobSpec(
             run_id=self.run_id,
             job_dir=str(self.job_dir),
-            store=store.address,
+            store="",
             secret_file=str(new_secret_file(self.job_dir)),
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
         )
+        store = Store(cfg.cluster.host, 0, job.secret(), timeout_s=60.0, master=True)
+        job.store = store.address
         job.save()
         (self.job_dir / "config.resolved.yaml").write_text(
             OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -171,8 +172,8 @@ class Controller:
             while True:
                 cluster.service()
                 injector.tick()
-                if store.exists(keys.ROOT_RESULT):
-                    res = store.get_json(keys.ROOT_RESULT)
+                res = store.get_json_or(keys.ROOT_RESULT)
+                if res is not None:
                     self.reason = res.get("reason", "")
                     return str(res["status"])
                 if bar is not None:
@@ -196,16 +197,14 @@ class Controller:
 
 
 def progress(store: Any, world: int) -> int:
-    steps = [
-        int(store.raw.get(keys.progress(r))) for r in range(world) if store.exists(keys.progress(r))
-    ]
-    return min(steps) if len(steps) == world else 0
+    steps = [store.get_int(keys.progress(r), -1) for r in range(world)]
+    return min(steps) if steps and min(steps) >= 0 else 0
 
 
 def collect(store: Any, world: int) -> dict[str, Any]:
     """Everything the ranks and the root reported through the store."""
     per_rank = {r: store.read_lines(keys.metrics(r)) for r in range(world)}
-    gen = store.counter(keys.GEN)
+    gen = int(store.get_json_or(keys.GEN, 0))
     finals = {r: store.get_json_or(keys.final(gen, r)) for r in range(world)}
     readies = {r: store.get_json_or(keys.ready(gen, r)) for r in range(world)}
     recoveries = [rec for _, rec in store.items(keys.RECOVERY)]

@@ -80,12 +80,7 @@ class Injector:
 
     def progress(self) -> int:
         world = self.job.world_size
-        vals = [
-            int(self.store.raw.get(keys.progress(r)))
-            for r in range(world)
-            if self.store.exists(keys.progress(r))
-        ]
-        return max(vals, default=0)
+        return max((self.store.get_int(keys.progress(r)) for r in range(world)), default=0)
 
     def tick(self) -> None:
         if not self.pending:
@@ -107,7 +102,7 @@ class Injector:
         record = {"id": idx, **ev.to_dict(), "t": time.time(), "step": step, "what": ev.describe()}
         rpn = self.job.cfg.cluster.ranks_per_node
         if ev.kind == "software":
-            gen = self.store.counter(keys.GEN)
+            gen = int(self.store.get_json_or(keys.GEN, 0))
             rank = ev.nodes[0] * rpn + ev.rank_in_node
             info = self.store.get_json_or(keys.trainer(gen, rank))
             if info is None:

@@ -79,17 +79,18 @@ class Nodes:
     """The node side of a job without a root: a KV store and one worker agent per node."""
 
     def __init__(self, tmp_path: Path, backend: dict[str, Any], nodes: int) -> None:
-        self.store = Store("127.0.0.1", 0, timeout_s=30.0, master=True)
         self.run_id = f"t{uuid.uuid4().hex[:9]}"
         job_dir = tmp_path / "job"
         (job_dir / "logs").mkdir(parents=True)
         self.job = JobSpec(
             run_id=self.run_id,
             job_dir=str(job_dir),
-            store=self.store.address,
+            store="",
             secret_file=str(new_secret_file(job_dir)),
             config=config_dict(tmp_path, backend, nodes),
         )
+        self.store = Store("127.0.0.1", 0, self.job.secret(), timeout_s=30.0, master=True)
+        self.job.store = self.store.address
         self.job_path = self.job.save()
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
         for n in range(nodes):

@@ -103,9 +103,9 @@ class MemoryServices(AgentServices):
         # Once every slot exists this loop costs nothing: no store round trips
         # on the agent's hot path while training runs.
         for rank in self.ranks if len(self.sets) < len(self.ranks) else ():
-            if rank in self.sets or not self.store.exists(keys.ckpt_size(rank)):
+            size = None if rank in self.sets else self.store.get_json_or(keys.ckpt_size(rank))
+            if size is None:
                 continue
-            size = self.store.get_json(keys.ckpt_size(rank))
             kind = "local" if self.rank_node[rank] == self.node else "replica"
             name = shm_name(self.job.run_id, self.node, rank, kind)
             t0 = time.perf_counter()

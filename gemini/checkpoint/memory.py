@@ -113,7 +113,7 @@ class MemoryBackend(CheckpointBackend):
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.job.cfg
-        self.store = Store.from_address(ctx.job.store)
+        self.store = Store.for_job(ctx.job)
         self.chunk = self.cfg.backend.chunk_mb << 20
         self.slots: SlotSet | None = None
         self.holders: list[int] = []

@@ -38,8 +38,8 @@ ROOT_STARTUP_GRACE_S = 60.0
 class Heartbeat:
     """A thread that bumps ``hb/{name}`` every period (a counter: no clock skew)."""
 
-    def __init__(self, store_address: str, name: str, period_s: float) -> None:
-        self.store = Store.from_address(store_address)
+    def __init__(self, job: JobSpec, name: str, period_s: float) -> None:
+        self.store = Store.for_job(job)
         self.name, self.period_s = name, period_s
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"hb-{name}", daemon=True)
@@ -65,7 +65,7 @@ class WorkerAgent:
     def __init__(self, job: JobSpec, node: int) -> None:
         self.job, self.node = job, node
         self.cfg = job.cfg
-        self.store = Store.from_address(job.store)
+        self.store = Store.for_job(job)
         self.rpn = self.cfg.cluster.ranks_per_node
         self.ranks = [node * self.rpn + i for i in range(self.rpn)]
         self.trainers: dict[int, subprocess.Popen[bytes]] = {}
@@ -93,7 +93,7 @@ class WorkerAgent:
         return dict(self.services.start())
 
     def run(self) -> int:
-        hb = Heartbeat(self.job.store, f"node{self.node}", self.cfg.cluster.heartbeat_s).start()
+        hb = Heartbeat(self.job, f"node{self.node}", self.cfg.cluster.heartbeat_s).start()
         info = self.start_services()
         incarnation = self.store.incr(keys.agent_incarnation(self.node))
         self.store.set_json(
@@ -102,13 +102,14 @@ class WorkerAgent:
         )
         # A replacement agent must not relaunch the generation it replaces:
         # it waits for the root's next one.
-        self.gen = self.store.counter(keys.GEN)
+        self.gen = self.generation()
         try:
             while not self._stopping:
                 if self.store.exists(keys.DONE) or self.store.exists(keys.ABORT):
                     break
-                g = self.store.counter(keys.GEN)
-                if g > self.gen:
+                g = self.generation()
+                # Only a generation the root planned (a signed plan) is launched.
+                if g > self.gen and self.store.exists(keys.plan(g)):
                     self.stop_trainers()
                     self.launch(g)
                 elif self.trainers and self.store.exists(keys.stop(self.gen)):
@@ -133,6 +134,9 @@ class WorkerAgent:
             if self.services is not None:
                 self.services.close()
         return 0
+
+    def generation(self) -> int:
+        return int(self.store.get_json_or(keys.GEN, 0))
 
     def trainer_args(self, local: int, rank: int) -> list[str]:
         return [

@@ -50,14 +50,14 @@ class RootAgent:
     def __init__(self, job: JobSpec) -> None:
         self.job = job
         self.cfg = job.cfg
-        self.store = Store.from_address(job.store)
+        self.store = Store.for_job(job)
         c = self.cfg.cluster
         self.nodes = c.nodes
         self.world = job.world_size
         self.rank_node = {r: r // c.ranks_per_node for r in range(self.world)}
         self.limit_s = c.heartbeat_s * c.missed_beats
         self.live = Liveness()
-        self.gen = self.store.counter(keys.GEN)
+        self.gen = int(self.store.get_json_or(keys.GEN, 0))
         self.inject_seen = self.store.counter(keys.ROOT_INJECT_SEEN)
         # A root serves one epoch; finding a newer one means it was presumed
         # dead and replaced, so it must step down rather than act twice.
@@ -77,26 +77,17 @@ class RootAgent:
         return [n for n in range(self.nodes) if self.live.stale(n, now, self.limit_s)]
 
     def exits(self, gen: int) -> dict[int, dict[str, Any]]:
-        return {
-            r: self.store.get_json(keys.exited(gen, r))
-            for r in range(self.world)
-            if self.store.exists(keys.exited(gen, r))
-        }
+        got = {r: self.store.get_json_or(keys.exited(gen, r)) for r in range(self.world)}
+        return {r: e for r, e in got.items() if e is not None}
 
     def progress(self) -> int:
-        return max(
-            (
-                int(self.store.raw.get(keys.progress(r)))
-                for r in range(self.world)
-                if self.store.exists(keys.progress(r))
-            ),
-            default=0,
-        )
+        return max((self.store.get_int(keys.progress(r)) for r in range(self.world)), default=0)
 
     def launch(self, plan: dict[str, Any]) -> int:
         gen = self.gen + 1
         self.store.set_json(keys.plan(gen), plan)
-        self.gen = self.store.incr(keys.GEN)
+        self.store.set_json(keys.GEN, gen)
+        self.gen = gen
         self.store.set_json(keys.ROOT_STATE, {"gen": self.gen})
         return self.gen
 
@@ -110,7 +101,7 @@ class RootAgent:
                 time.sleep(0.05)
 
     def run(self) -> int:
-        hb = Heartbeat(self.job.store, "root", self.cfg.cluster.heartbeat_s).start()
+        hb = Heartbeat(self.job, "root", self.cfg.cluster.heartbeat_s).start()
         self.store.set_json(keys.ROOT_PID, {"pid": os.getpid(), "t": time.time()})
         try:
             if self.gen == 0:
@@ -242,10 +233,12 @@ class RootAgent:
         deadline = time.monotonic() + timeout_s
         for node in range(self.nodes):
             key = keys.inventory(n, node)
-            while not self.store.exists(key) and time.monotonic() < deadline:
+            got = self.store.get_json_or(key)
+            while got is None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self.store.exists(key):
-                out[node] = {int(r): steps for r, steps in self.store.get_json(key).items()}
+                got = self.store.get_json_or(key)
+            if got is not None:
+                out[node] = {int(r): steps for r, steps in got.items()}
         return out
 
     def storage_steps(self) -> list[int]:
@@ -379,11 +372,8 @@ class RootAgent:
             self.refresh_liveness()
             if self.dead_nodes():
                 return False, {}
-            readies = {
-                r: self.store.get_json(keys.ready(gen, r))
-                for r in range(self.world)
-                if self.store.exists(keys.ready(gen, r))
-            }
+            got = {r: self.store.get_json_or(keys.ready(gen, r)) for r in range(self.world)}
+            readies = {r: v for r, v in got.items() if v is not None}
             if len(readies) == self.world:
                 return True, readies
             failed = [r for r, e in self.exits(gen).items() if e["code"] != 0]
@@ -414,11 +404,7 @@ class RootAgent:
         self.log(f"recovered: back at step {target} {rec['recovery_s']:.2f} s after the failure")
 
     def min_progress(self) -> int:
-        vals = [
-            int(self.store.raw.get(keys.progress(r))) if self.store.exists(keys.progress(r)) else 0
-            for r in range(self.world)
-        ]
-        return min(vals)
+        return min(self.store.get_int(keys.progress(r)) for r in range(self.world))
 
     def finish(self, status: str) -> None:
         self.store.set_json(keys.ROOT_RESULT, {"status": status, "gen": self.gen})

@@ -41,7 +41,7 @@ class Reporter:
     def __init__(self, job: JobSpec, rank: int, gen: int, period_s: float = 0.2) -> None:
         self.rank, self.gen, self.period_s = rank, gen, period_s
         self.q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-        self.store = Store.from_address(job.store)
+        self.store = Store.for_job(job)
         self.thread = threading.Thread(target=self._run, name="reporter", daemon=True)
         self.thread.start()
 
@@ -117,7 +117,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
 
     cfg = job.cfg
     torch.set_num_threads(cfg.cluster.threads_per_rank)
-    store = Store.from_address(job.store)
+    store = Store.for_job(job)
     store.set_json(keys.trainer(gen, rank), {"pid": os.getpid(), "node": node})
     plan = store.get_json(keys.plan(gen))
     world = job.world_size
