@@ -21,6 +21,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from gemini.cluster import keys
 from gemini.schedules import FailureEvent, build_schedule
 
 if TYPE_CHECKING:
@@ -77,17 +78,12 @@ class Injector:
         for i, ev in self.pending:
             if ev.kind == "kill_during_snapshot":
                 rank = ev.nodes[0] * rpn + ev.rank_in_node
-                store.set_json(f"inject/arm/{rank}", {"id": i, "step": ev.at_step, **ev.to_dict()})
+                store.set_json(keys.inject_arm(rank), {"id": i, "step": ev.at_step, **ev.to_dict()})
         self.pending = [(i, ev) for i, ev in self.pending if ev.kind != "kill_during_snapshot"]
 
     def progress(self) -> int:
         world = self.job.world_size
-        vals = [
-            int(self.store.raw.get(f"progress/{r}"))
-            for r in range(world)
-            if self.store.exists(f"progress/{r}")
-        ]
-        return max(vals, default=0)
+        return max((self.store.get_int(keys.progress(r)) for r in range(world)), default=0)
 
     def tick(self) -> None:
         if not self.pending:
@@ -111,9 +107,9 @@ class Injector:
         if ev.kind == "software":
             # Every node of the event loses its rank: a correlated or
             # two-in-group software failure kills them all at once.
-            gen = self.store.counter("ctl/gen")
+            gen = int(self.store.get_json_or(keys.GEN, 0))
             infos = [
-                self.store.get_json_or(f"trainer/{gen}/{n * rpn + ev.rank_in_node}")
+                self.store.get_json_or(keys.trainer(gen, n * rpn + ev.rank_in_node))
                 for n in ev.nodes
             ]
             if any(info is None for info in infos):
@@ -121,19 +117,19 @@ class Injector:
                 # the event must hit the next generation, not vanish.
                 return False
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             for info in infos:
                 assert info is not None
                 _kill(int(info["pid"]))
         elif ev.kind == "hardware":
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             for n in ev.nodes:
                 self.cluster.kill_node(n)
         elif ev.kind == "root_loss":
-            info = self.store.get_json_or("root/pid")
+            info = self.store.get_json_or(keys.ROOT_PID)
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             if info is not None:
                 _kill(int(info["pid"]))
         elif ev.kind == "corruption":
@@ -145,7 +141,7 @@ class Injector:
             for n in ev.nodes:
                 self.cluster.kill_node(n)
             record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
         self.fired.append(record)
         return True
 
