@@ -78,8 +78,7 @@ def _one_line(e: BaseException, overrides: list[str] | None = None) -> str:
             given = _given(key, overrides or [])
             if "not in struct" in msg or ("Key '" in msg and "not" in msg):
                 return (
-                    f"{given}: no such setting; check the spelling "
-                    "(`gemini --cfg job` lists them)"
+                    f"{given}: no such setting; check the spelling (`gemini --cfg job` lists them)"
                 )
             return f"{given}: {msg}; fix the value"
         seen = seen.__cause__ or seen.__context__
