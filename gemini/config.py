@@ -459,8 +459,9 @@ def check_host(cfg: GeminiConfig) -> None:
             f"cannot bind it here ({reason}): use an address of this machine, e.g. 127.0.0.1",
         ) from e
     check_writable_path("paths.outputs", Path(cfg.paths.outputs))
-    storage = b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0)
-    if storage and b.path:
+    from gemini.checkpoint.disk import uses_storage
+
+    if uses_storage(cfg) and b.path:
         check_writable_path("backend.path", Path(b.path))
     if b.name in ("memory", "replicated"):
         from gemini.checkpoint.memory import check_shm_budget

@@ -137,7 +137,7 @@ class Injector:
             if info is not None:
                 _kill(int(info["pid"]))
         elif ev.kind == "corruption":
-            from gemini.checkpoint.agent_side import corrupt_replica
+            from gemini.checkpoint.node_memory import corrupt_replica
 
             # Kill first: a live source would overwrite the damaged replica
             # with its next step before recovery ever looked at it.

@@ -14,17 +14,11 @@ from pathlib import Path
 from gemini.config import ConfigError, GeminiConfig
 
 
-def disk_root(cfg: GeminiConfig, job_dir: Path) -> Path:
-    """Where the ``disk`` backend (and the persistent tier) writes."""
-    from gemini.checkpoint.disk import storage_dir
-
-    return storage_dir(cfg.backend.path, job_dir)
-
-
 def preflight(cfg: GeminiConfig, job_dir: Path) -> None:
-    b = cfg.backend
-    if b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0):
-        root = disk_root(cfg, job_dir)
+    from gemini.checkpoint.disk import storage_dir, uses_storage
+
+    if uses_storage(cfg):
+        root = storage_dir(cfg, job_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".probe-{os.getpid()}"
