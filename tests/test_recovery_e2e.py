@@ -49,9 +49,15 @@ slow = pytest.mark.slow
 timeout = pytest.mark.timeout(300)
 
 
+def cluster(*overrides: str) -> list[str]:
+    """This file's CLUSTER with ``overrides`` in place of the keys they name."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [*(c for c in CLUSTER if c.split("=", 1)[0] not in keys), *overrides]
+
+
 def job(run_job: RunJob, *overrides: str, steps: int = STEPS, **kw: Any) -> tuple[Any, Path]:
     """One job with this file's cluster; it must complete and leave nothing behind."""
-    summary, job_dir = run_job(*CLUSTER, f"train.steps={steps}", *overrides, **kw)
+    summary, job_dir = run_job(*cluster(f"train.steps={steps}", *overrides), **kw)
     assert summary["outcome"] == "completed", summary.get("reason")
     assert summary["steps"] == steps
     assert_left_nothing(summary["run_id"])
@@ -64,7 +70,8 @@ def assert_left_nothing(run_id: str) -> None:
 
 
 class References:
-    """Failure-free digests of this file's cluster, computed once per number of steps.
+    """Failure-free digests of this file's cluster, computed once per number of steps
+    (and per change to the cluster: ``digest(steps, "cluster.nodes=3")``).
 
     The backend does not change the digest (tests/test_backends_e2e.py), so
     ``backend=none`` is the reference of every backend.
@@ -72,17 +79,18 @@ class References:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.digests: dict[int, str] = {}
+        self.digests: dict[tuple[int, tuple[str, ...]], str] = {}
 
-    def digest(self, steps: int = STEPS) -> str:
-        if steps not in self.digests:
-            self.digests[steps] = self._run(steps)
-        return self.digests[steps]
+    def digest(self, steps: int = STEPS, *changes: str) -> str:
+        key = (steps, changes)
+        if key not in self.digests:
+            self.digests[key] = self._run(steps, changes, len(self.digests))
+        return self.digests[key]
 
-    def _run(self, steps: int) -> str:
-        outputs = self.root / f"steps{steps}"
+    def _run(self, steps: int, changes: tuple[str, ...], n: int) -> str:
+        outputs = self.root / f"steps{steps}-{n}"
         cfg = compose_config(
-            [*CLUSTER, f"train.steps={steps}", "backend=none", "failure=none",
+            [*cluster(f"train.steps={steps}", *changes), "backend=none", "failure=none",
              "tracking=off", "progress=false", f"paths.outputs={outputs}"]
         )  # fmt: skip
         summary = run(to_schema(cfg), job_dir=outputs / "job")
