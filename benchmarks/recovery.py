@@ -74,7 +74,7 @@ try:
     from benchmarks.checkpoint import compose, machine, markdown, run_job
 except ModuleNotFoundError:  # run as a script, as `make bench` does: siblings are top level
     from checkpoint import compose, machine, markdown, run_job  # type: ignore[no-redef]
-from gemini.timeline import PHASES
+from gemini.recovery import PHASES
 
 PAPER_SHARED_GBPS = 20.0
 PAPER_NODES = 16
