@@ -315,9 +315,9 @@ def readme_tables(results: dict[str, Any]) -> str:
                     name,
                     f"{g['wasted']:.1f} s",
                     f"{g['alloc']:.2f} s",
-                    f"{g['ckpt']:.1f} s",
-                    f"{g['ckpt_alloc']:.1f} s",
-                    f"{g['T_wasted']:.1f} s",
+                    f"{g['ckpt']:.2f} s",
+                    f"{g['ckpt_alloc']:.2f} s",
+                    f"{g['T_wasted']:.2f} s",
                     str(g["rec"].get("lost_steps")),
                     f"{g['dominant'][:-2]} {g['shares'][g['dominant']] * 100:.0f} %",
                 ]
