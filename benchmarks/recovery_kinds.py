@@ -7,8 +7,8 @@ reference digest every row must end with (the backend does not change the
 digest, so ``backend=none`` is the reference of all of them).
 
 For each row it prints where every rank was restored from, the steps lost,
-``recovery_s`` (failure -> back at the failed step), its ``restart_s`` and
-``alloc_s`` phases (``gemini.recovery.PHASES``), and whether the job ended
+``recovery_s`` (failure -> back at the failed step), its ``detect_s``,
+``restart_s`` and ``alloc_s`` phases (``gemini.recovery.PHASES``), and whether the job ended
 with the reference's state digest.
 
     .venv/bin/python -m benchmarks.recovery_kinds                      # every row (~8 min here)
@@ -112,7 +112,9 @@ def _sources(rec: dict[str, Any]) -> str:
 
 
 def _s(v: Any) -> str:
-    return f"{float(v):.1f} s" if isinstance(v, (int, float)) else "-"
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{float(v):.1f} s" if v >= 0.1 else f"{float(v):.2f} s"
 
 
 def table(results: dict[str, Any]) -> str:
@@ -124,7 +126,7 @@ def table(results: dict[str, Any]) -> str:
         same = s.get("state_digest") == results["reference_digest"]
         exact = "yes" if ok and same else f"**no** ({s.get('outcome')})"
         if not recs:
-            rows.append([row["label"], "(no recovery)", "-", "-", "-", "-", exact])
+            rows.append([row["label"], "(no recovery)", "-", "-", "-", "-", "-", exact])
             continue
         # Several recoveries (a failure during a recovery): each one's figures.
         rows.append(
@@ -133,6 +135,7 @@ def table(results: dict[str, Any]) -> str:
                 "; ".join(_sources(r) for r in recs),
                 ", ".join(str(r.get("lost_steps")) for r in recs),
                 ", ".join(_s(r.get("recovery_s")) for r in recs),
+                ", ".join(_s(r.get("detect_s")) for r in recs),
                 ", ".join(_s(r.get("restart_s")) for r in recs),
                 ", ".join(_s(r.get("alloc_s")) for r in recs),
                 exact,
@@ -148,8 +151,9 @@ def table(results: dict[str, Any]) -> str:
             "restored from",
             "lost steps",
             "recovery (failure → back at the failed step)",
-            "of which restart",
-            "of which alloc",
+            "of which detect",
+            "restart",
+            "alloc",
             "ends with the failure-free state digest",
         ],
         rows,
