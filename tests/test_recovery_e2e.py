@@ -22,7 +22,7 @@ from gemini.checkpoint.slot import list_segments
 from gemini.cluster.processes import run_processes
 from gemini.config import to_schema
 from gemini.experiment import run
-from gemini.recovery import RECOVERY_METRICS
+from gemini.recovery import PHASES, RECOVERY_METRICS
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -114,7 +114,19 @@ def only_recovery(summary: dict[str, Any], kind: str) -> dict[str, Any]:
     for phase in ("detect_s", "teardown_s", "restart_s", "retrieve_s", "load_s", "recovery_s"):
         assert isinstance(rec[phase], (int, float)) and rec[phase] >= 0, (phase, rec)
     assert rec["wasted_s"] >= rec["recovery_s"]
+    assert_phases_add_up(summary, rec)
     return rec
+
+
+def assert_phases_add_up(summary: dict[str, Any], rec: dict[str, Any]) -> None:
+    """The phases cover the recovery exactly; only memory backends pay an alloc phase."""
+    assert sum(rec[p] for p in PHASES) == pytest.approx(rec["recovery_s"], abs=1e-6)
+    if summary["backend"] in ("memory", "replicated"):
+        # Slots are set up for the new generation (mapped by every rank,
+        # allocated and touched on a replaced node): not part of restart_s.
+        assert rec["alloc_s"] > 0, rec
+    else:
+        assert rec["alloc_s"] == 0, rec
 
 
 def assert_detected_in_time(rec: dict[str, Any]) -> None:
