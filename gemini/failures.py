@@ -21,16 +21,19 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from gemini.cluster import keys
 from gemini.schedules import FailureEvent, build_schedule
 
 if TYPE_CHECKING:
     from gemini.cluster.job import JobSpec
     from gemini.cluster.local import LocalCluster
     from gemini.cluster.store import Store
+    from gemini.config import GeminiConfig
 
 
-def schedule_for(job: JobSpec) -> list[FailureEvent]:
-    cfg = job.cfg
+def schedule_for(cfg: GeminiConfig) -> list[FailureEvent]:
+    """The run's failure schedule: what the injector fires, and what
+    ``gemini.config.validate`` builds once before anything starts."""
     f = cfg.failure
     if f.name == "none":
         return []
@@ -66,7 +69,8 @@ def schedule_for(job: JobSpec) -> list[FailureEvent]:
 class Injector:
     def __init__(self, job: JobSpec, store: Store, cluster: LocalCluster) -> None:
         self.job, self.store, self.cluster = job, store, cluster
-        self.events = schedule_for(job)
+        # Built once already by gemini.config.validate before the job started.
+        self.events = schedule_for(job.cfg)
         self.pending = list(enumerate(self.events))
         self.fired: list[dict[str, Any]] = []
         self.t_start: float | None = None
@@ -74,17 +78,12 @@ class Injector:
         for i, ev in self.pending:
             if ev.kind == "kill_during_snapshot":
                 rank = ev.nodes[0] * rpn + ev.rank_in_node
-                store.set_json(f"inject/arm/{rank}", {"id": i, "step": ev.at_step, **ev.to_dict()})
+                store.set_json(keys.inject_arm(rank), {"id": i, "step": ev.at_step, **ev.to_dict()})
         self.pending = [(i, ev) for i, ev in self.pending if ev.kind != "kill_during_snapshot"]
 
     def progress(self) -> int:
         world = self.job.world_size
-        vals = [
-            int(self.store.raw.get(f"progress/{r}"))
-            for r in range(world)
-            if self.store.exists(f"progress/{r}")
-        ]
-        return max(vals, default=0)
+        return max((self.store.get_int(keys.progress(r)) for r in range(world)), default=0)
 
     def tick(self) -> None:
         if not self.pending:
@@ -98,35 +97,43 @@ class Injector:
                 and self.t_start is not None
                 and time.time() - self.t_start >= ev.at_time_s
             )
-            if due:
+            if due and self.fire(i, ev, step):
                 self.pending.remove((i, ev))
-                self.fire(i, ev, step)
 
-    def fire(self, idx: int, ev: FailureEvent, step: int) -> None:
+    def fire(self, idx: int, ev: FailureEvent, step: int) -> bool:
+        """Inject ``ev`` now; False if it cannot land yet (tried again next tick)."""
         record = {"id": idx, **ev.to_dict(), "t": time.time(), "step": step, "what": ev.describe()}
         rpn = self.job.cfg.cluster.ranks_per_node
         if ev.kind == "software":
-            gen = self.store.counter("ctl/gen")
-            rank = ev.nodes[0] * rpn + ev.rank_in_node
-            info = self.store.get_json_or(f"trainer/{gen}/{rank}")
-            if info is None:
-                return
+            # Every node of the event loses its rank: a correlated or
+            # two-in-group software failure kills them all at once.
+            gen = int(self.store.get_json_or(keys.GEN, 0))
+            infos = [
+                self.store.get_json_or(keys.trainer(gen, n * rpn + ev.rank_in_node))
+                for n in ev.nodes
+            ]
+            if any(info is None for info in infos):
+                # A restart is under way and its trainers are not all up:
+                # the event must hit the next generation, not vanish.
+                return False
             record["t"] = time.time()
-            self.store.push("inject", record)
-            _kill(int(info["pid"]))
+            self.store.push(keys.INJECT, record)
+            for info in infos:
+                assert info is not None
+                _kill(int(info["pid"]))
         elif ev.kind == "hardware":
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             for n in ev.nodes:
                 self.cluster.kill_node(n)
         elif ev.kind == "root_loss":
-            info = self.store.get_json_or("root/pid")
+            info = self.store.get_json_or(keys.ROOT_PID)
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             if info is not None:
                 _kill(int(info["pid"]))
         elif ev.kind == "corruption":
-            from gemini.checkpoint.agent_side import corrupt_replica
+            from gemini.checkpoint.node_memory import corrupt_replica
 
             # Kill first: a live source would overwrite the damaged replica
             # with its next step before recovery ever looked at it.
@@ -134,8 +141,9 @@ class Injector:
             for n in ev.nodes:
                 self.cluster.kill_node(n)
             record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
         self.fired.append(record)
+        return True
 
     def stop(self) -> None:
         self.pending = []

@@ -1,7 +1,7 @@
 """In-memory checkpoints: ``memory`` (local CPU memory) and ``replicated`` (+ m-1 peers).
 
 The trainer's side. The slots live in POSIX shared memory owned by the
-node's worker agent (``agent_side``), so a trainer crash loses nothing. At
+node's worker agent (``node_memory``), so a trainer crash loses nothing. At
 start-up the trainer announces the exact size of its checkpoint; its agent
 (and, for ``replicated``, its holders' agents) allocate and touch two slots of
 that size once, and the trainer maps its local slots.
@@ -34,6 +34,7 @@ from gemini.checkpoint.backend import (
     SnapshotTiming,
 )
 from gemini.checkpoint.slot import SlotSet, manifest_capacity_for, shm_available_bytes, shm_name
+from gemini.cluster import keys
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig
 
@@ -41,10 +42,6 @@ if TYPE_CHECKING:
     from gemini.checkpoint.disk import DiskStore
     from gemini.cluster.transport import TransportClient
     from gemini.workload.state import TrainState
-
-
-def segment_kind(source_node: int, holder_node: int) -> str:
-    return "local" if source_node == holder_node else "replica"
 
 
 def replica_holders(cfg: GeminiConfig, node: int) -> list[int]:
@@ -108,11 +105,12 @@ class MemoryBackend(CheckpointBackend):
     """``backend=memory``: two slots per rank in the local agent's shared memory."""
 
     name = "memory"
+    allocates = True
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.job.cfg
-        self.store = Store.from_address(ctx.job.store)
+        self.store = Store.for_job(ctx.job)
         self.chunk = self.cfg.backend.chunk_mb << 20
         self.slots: SlotSet | None = None
         self.holders: list[int] = []
@@ -123,7 +121,7 @@ class MemoryBackend(CheckpointBackend):
         self.persist_interval = 0
         """Persist every this many steps (0 = not yet calibrated / never)."""
         self._disk: DiskStore | None = None
-        self._arm = self.store.get_json_or(f"inject/arm/{ctx.rank}")
+        self._arm = self.store.get_json_or(keys.inject_arm(ctx.rank))
 
     # -- start-up ---------------------------------------------------------------
     def _prepare(self, state: TrainState) -> dict[str, Any]:
@@ -133,14 +131,14 @@ class MemoryBackend(CheckpointBackend):
             "data": nbytes,
             "manifest": manifest_capacity_for(len(spec), nbytes, self.chunk),
         }
-        self.store.set_json(f"ckpt/size/{self.ctx.rank}", size)
+        self.store.set_json(keys.ckpt_size(self.ctx.rank), size)
         nodes = [self.ctx.node, *self.holders]
         touch = 0.0
         deadline = time.monotonic() + 120
         for n in nodes:
             while True:
-                inc = self.store.get_json_or(f"agent/node{n}", {}).get("incarnation")
-                ready = self.store.get_json_or(f"ckpt/ready/{n}/{self.ctx.rank}")
+                inc = self.store.get_json_or(keys.agent(n), {}).get("incarnation")
+                ready = self.store.get_json_or(keys.ckpt_ready(n, self.ctx.rank))
                 if ready is not None and inc is not None and ready["incarnation"] == inc:
                     touch = max(touch, float(ready.get("touch_s", 0.0)))
                     break
@@ -167,10 +165,13 @@ class MemoryBackend(CheckpointBackend):
             self._persist_thread.join()
             self._persist_thread = None
         idx = self.slots.begin_write(step)
+        # The first snapshot at or after the armed step: a cadence that skips
+        # the armed step itself still gets its kill (gemini.config.validate
+        # refuses a run in which no snapshot would follow it).
         kill_midway = (
             self._arm is not None
-            and int(self._arm["step"]) == step
-            and not self.store.exists(f"inject/fired/{self._arm['id']}")
+            and step >= int(self._arm["step"])
+            and not self.store.exists(keys.inject_fired(self._arm["id"]))
         )
         self._error = None
         self._thread = threading.Thread(
@@ -227,7 +228,7 @@ class MemoryBackend(CheckpointBackend):
         fmt.write_state(half, entries[: len(half)], dst)
         arm = self._arm or {}
         self.store.push(
-            "inject",
+            keys.INJECT,
             {
                 **arm,
                 "t": time.time(),
@@ -235,7 +236,7 @@ class MemoryBackend(CheckpointBackend):
                 "what": f"kill during the snapshot of step {step}",
             },
         )
-        self.store.set(f"inject/fired/{arm.get('id')}", "1")
+        self.store.set(keys.inject_fired(arm.get("id")), "1")
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
@@ -322,7 +323,7 @@ class MemoryBackend(CheckpointBackend):
     def _client(self, node: int) -> TransportClient:
         from gemini.cluster.transport import TransportClient
 
-        info = self.store.get_json(f"agent/node{node}")
+        info = self.store.get_json(keys.agent(node))
         host, port = info["transport"].rsplit(":", 1)
         return TransportClient(host, int(port), self.ctx.job.secret(), timeout_s=60.0)
 
@@ -364,14 +365,11 @@ class ReplicatedBackend(MemoryBackend):
 
 
 def _disk_store(ctx: BackendContext) -> DiskStore:
-    from pathlib import Path
-
-    from gemini.checkpoint.disk import DiskStore
-    from gemini.checkpoint.preflight import disk_root
+    from gemini.checkpoint.disk import DiskStore, storage_dir
 
     b = ctx.job.cfg.backend
     return DiskStore(
-        disk_root(ctx.job.cfg, Path(ctx.job.job_dir)),
+        storage_dir(ctx.job.cfg, ctx.job.job_dir),
         ctx.job.run_id,
         bandwidth_gbps=b.bandwidth_gbps,
         keep_last=b.keep_last,
