@@ -25,7 +25,7 @@ from gemini.checkpoint.disk import (
     storage_complete_steps,
 )
 from gemini.cluster.job import JobSpec
-from gemini.config import GeminiConfig
+from gemini.config import BackendConfig, GeminiConfig
 from gemini.workload.state import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,17 +287,17 @@ def test_checkpoint_of_another_config_is_refused_in_one_line(tmp_path: Path) -> 
         f"checkpoint at {store.manifest_path(0, 1)} was written by another config "
         "(hash cfg, this run other): point backend.path elsewhere or delete it"
     )
-    job_config = {"backend": {"path": str(tmp_path)}}
-    assert storage_complete_steps(job_config, "/nonexistent", "run", 1) == [1]
-    assert storage_complete_steps(job_config, "/nonexistent", "run", 1, config_hash="cfg") == [1]
+    cfg = GeminiConfig(backend=BackendConfig(path=str(tmp_path)))
+    assert storage_complete_steps(cfg, "/nonexistent", "run", 1) == [1]
+    assert storage_complete_steps(cfg, "/nonexistent", "run", 1, config_hash="cfg") == [1]
     with pytest.raises(CheckpointError, match="another config"):
-        storage_complete_steps(job_config, "/nonexistent", "run", 1, config_hash="other")
+        storage_complete_steps(cfg, "/nonexistent", "run", 1, config_hash="other")
 
 
 def test_storage_root_defaults_under_the_job_dir(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "checkpoints", "run")
     write_step(store, 3)
-    assert storage_complete_steps({"backend": {"path": ""}}, str(tmp_path), "run", 1) == [3]
+    assert storage_complete_steps(GeminiConfig(), str(tmp_path), "run", 1) == [3]
 
 
 # -- DiskBackend with a real TrainState --------------------------------------------

@@ -242,14 +242,14 @@ class RootAgent:
         return out
 
     def storage_steps(self) -> list[int]:
-        b = self.cfg.backend
-        if b.name != "disk" and not (b.name in ("memory", "replicated") and b.persist_every_s > 0):
+        from gemini.checkpoint.disk import storage_complete_steps, uses_storage
+
+        if not uses_storage(self.cfg):
             return []
-        from gemini.checkpoint.disk import storage_complete_steps
         from gemini.config import config_hash
 
         return storage_complete_steps(
-            self.job.config,
+            self.cfg,
             self.job.job_dir,
             self.job.run_id,
             self.world,
