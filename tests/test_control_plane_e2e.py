@@ -113,6 +113,7 @@ def test_forged_control_values_are_refused_and_the_job_ends_exact(
     assert [r["kind"] for r in recs] == ["software"], recs
     assert set(recs[0]["rank_sources"].values()) == {"local"}
     assert_left_nothing(summary["run_id"])
+    assert not (job_dir / ".secret").exists(), "the run's secret outlived it"
 
     # Each reader said once what it refused, and why.
     logs = {p.name: p.read_text() for p in (job_dir / "logs").glob("*.log")}

@@ -9,7 +9,10 @@ slots, which step is complete) lives behind the :class:`Handler` and
 :class:`PutTarget` protocols and is implemented elsewhere.
 
 Security rules kept here: every connection proves knowledge of the run secret
-in both directions before any request is read; every frame's payload carries
+in both directions before any request is read, and must finish doing so within
+a few seconds (an unauthenticated peer holds a connection slot no longer; at
+most half the slots are unauthenticated, the oldest of them given up to a
+newcomer); every frame's payload carries
 an xxh3_64 checksum that the receiver verifies; lengths are checked against
 per-frame limits before anything is allocated; control payloads are JSON and
 data payloads raw bytes, so nothing received is ever unpickled. There is no
@@ -53,7 +56,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import xxhash
 
@@ -109,6 +112,8 @@ _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 # Control frames up to this size go out as one send, header and payload together.
 _COALESCE_BYTES = 64 << 10
 _AUTH_LABEL = b"gemini-transport/1 "
+# How often the server's accept loop wakes to hang up on late handshakes.
+_TICK_S = 0.25
 
 _T = TypeVar("_T")
 # What a blocked send/recv raises when its timeout expires: TimeoutError under
@@ -144,6 +149,10 @@ class TransportError(Exception):
     The message says what failed, for which source and step, and how far the
     transfer got; callers decide whether to retry another holder.
     """
+
+
+class _PeerClosed(TransportError):
+    """The peer closed the connection cleanly before the first byte of a frame."""
 
 
 class _Refused(TransportError):
@@ -249,7 +258,7 @@ def _recv_header(
     if got < HEADER.size:
         if got == 0 and eof_ok:
             return None
-        raise TransportError(
+        raise (_PeerClosed if got == 0 else TransportError)(
             f"peer closed the connection after {got} of {HEADER.size} header bytes"
         )
     magic, version, ftype, flags, length, csum = HEADER.unpack(buf)
@@ -543,31 +552,49 @@ class TransportServer:
         port: int = 0,
         *,
         io_timeout_s: float = 30.0,
-        idle_timeout_s: float | None = None,
+        handshake_timeout_s: float = 5.0,
+        idle_timeout_s: float | None = 300.0,
         max_connections: int = 64,
         max_manifest_bytes: int = MAX_MANIFEST_BYTES,
         send_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         """
         Args:
-            io_timeout_s: longest a peer may stall inside a handshake or a
-                transfer before its connection is dropped.
-            idle_timeout_s: longest a connection may sit idle between requests
-                (None: until the peer or :meth:`close` ends it; trainers reuse
-                one connection per holder for every step).
+            io_timeout_s: longest a peer may stall inside a transfer before
+                its connection is dropped.
+            handshake_timeout_s: longest a peer may take, from accept, to
+                prove the run secret; until then it holds a connection slot.
+            idle_timeout_s: longest an authenticated connection may sit idle
+                between requests (None: until the peer or :meth:`close` ends
+                it). Trainers reuse one connection per holder for every step
+                and reconnect once when they find it closed.
             max_connections: connections beyond this are closed on accept, so
-                a misbehaving peer cannot exhaust threads.
+                a misbehaving peer cannot exhaust threads. At most half of
+                them may be still unauthenticated; when they are all taken the
+                oldest is hung up on for the newcomer, so peers that flood the
+                port without the secret cannot keep one that has it out.
             max_manifest_bytes: largest manifest a put may announce.
             send_chunk_bytes: DATA frame size used when answering gets.
         """
         _check_secret(secret)
-        if io_timeout_s <= 0:
-            raise ValueError(f"io_timeout_s must be > 0, got {io_timeout_s}")
+        for name, value in (
+            ("io_timeout_s", io_timeout_s),
+            ("handshake_timeout_s", handshake_timeout_s),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         self._secret = bytes(secret)
         self._handler = handler
         self._io_timeout_s = io_timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._max_connections = max_connections
+        self._max_unauthenticated = max(1, max_connections // 2)
+        # Connections still in the handshake, with their deadline; the accept
+        # loop hangs up on those past it (it wakes at least every _TICK_S).
+        self._pending: dict[socket.socket, float] = {}
+        # Connections the server hung up on, and why (for the one log line).
+        self._hung_up: dict[socket.socket, str] = {}
         self._max_manifest_bytes = max_manifest_bytes
         self._send_chunk_bytes = max(1, min(send_chunk_bytes, MAX_CHUNK_BYTES))
         self._stop = threading.Event()
@@ -583,7 +610,7 @@ class TransportServer:
         _tune(self._listener)
         # Fallback wake-up for the accept loop where shutdown() does not
         # interrupt accept(); on Linux close() is immediate.
-        self._listener.settimeout(0.5)
+        self._listener.settimeout(_TICK_S)
         self.host: str = host
         self.port: int = self._listener.getsockname()[1]
 
@@ -633,6 +660,7 @@ class TransportServer:
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
+            self._reap_handshakes()
             try:
                 conn, peer = self._listener.accept()
             except TimeoutError:
@@ -645,16 +673,27 @@ class TransportServer:
                 time.sleep(0.1)
                 continue
             with self._lock:
-                if self._stop.is_set() or len(self._conns) >= self._max_connections:
+                why = (
+                    "closing"
+                    if self._stop.is_set()
+                    else "too many connections"
+                    if len(self._conns) >= self._max_connections
+                    else None
+                )
+                if why is not None:
                     log.warning(
                         "transport server %d: refusing connection from %s:%s (%s)",
                         self.port,
                         peer[0],
                         peer[1],
-                        "closing" if self._stop.is_set() else "too many connections",
+                        why,
                     )
                     conn.close()
                     continue
+                if len(self._pending) >= self._max_unauthenticated:
+                    oldest = min(self._pending, key=self._pending.__getitem__)
+                    self._hang_up(oldest, "still unauthenticated when a newer peer needed the slot")
+                self._pending[conn] = time.monotonic() + self._handshake_timeout_s
                 thread = threading.Thread(
                     target=self._serve,
                     args=(conn, f"{peer[0]}:{peer[1]}"),
@@ -666,15 +705,37 @@ class TransportServer:
                 self._threads.add(thread)
             thread.start()
 
+    def _reap_handshakes(self) -> None:
+        """Hang up on connections that have not proved the secret in time."""
+        now = time.monotonic()
+        with self._lock:
+            late = [c for c, deadline in self._pending.items() if now >= deadline]
+            for conn in late:
+                self._hang_up(conn, f"no authentication within {self._handshake_timeout_s:.1f}s")
+
+    def _hang_up(self, conn: socket.socket, why: str) -> None:
+        """End an unauthenticated connection (caller holds the lock)."""
+        del self._pending[conn]
+        self._hung_up[conn] = why
+        # The serving thread's blocked recv returns; it closes the socket.
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
     def _serve(self, conn: socket.socket, peer: str) -> None:
+        idle = False
         try:
             _tune(conn)
-            _set_timeout(conn, self._io_timeout_s)
+            _set_timeout(conn, min(self._io_timeout_s, self._handshake_timeout_s))
             server_handshake(conn, self._secret)
+            with self._lock:
+                if self._pending.pop(conn, None) is None:  # reaped meanwhile
+                    raise TransportError("handshake not finished in time")
             header_buf = bytearray(HEADER.size)
             while not self._stop.is_set():
+                idle = True
                 _set_timeout(conn, self._idle_timeout_s)
                 header = _recv_header(conn, header_buf, eof_ok=True)
+                idle = False
                 if header is None:
                     break
                 _set_timeout(conn, self._io_timeout_s)
@@ -692,12 +753,34 @@ class TransportServer:
                     self._serve_get(conn, _parse_json(ftype, payload))
                 else:
                     self._serve_list(conn)
-        except TransportError as e:
-            if not self._stop.is_set():
-                log.warning(
-                    "transport server %d: closing connection from %s: %s", self.port, peer, e
-                )
-        except _TIMEOUTS:
+        except (TransportError, OSError, *_TIMEOUTS) as e:
+            self._log_end(conn, peer, e, idle)
+        except Exception:
+            # A bug here (or in the handler) must cost one connection, not the agent.
+            log.exception("transport server %d: unexpected error serving %s", self.port, peer)
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+                self._pending.pop(conn, None)
+                self._hung_up.pop(conn, None)
+            conn.close()
+
+    def _log_end(self, conn: socket.socket, peer: str, e: BaseException, idle: bool) -> None:
+        """One line on why a connection ended (nothing when the server is closing)."""
+        with self._lock:
+            why = self._hung_up.get(conn)
+            if why is None and conn in self._pending and isinstance(e, _TIMEOUTS):
+                why = f"no authentication within {self._handshake_timeout_s:.1f}s"
+        if why is not None:
+            log.warning("transport server %d: closing connection from %s: %s", self.port, peer, why)
+        elif idle and isinstance(e, _TIMEOUTS):
+            log.info(
+                "transport server %d: closing connection from %s: idle for %.0fs",
+                self.port,
+                peer,
+                self._idle_timeout_s or 0.0,
+            )
+        elif isinstance(e, _TIMEOUTS):
             log.warning(
                 "transport server %d: closing connection from %s: no progress within the "
                 "timeout (io %.1fs, idle %s)",
@@ -706,18 +789,8 @@ class TransportServer:
                 self._io_timeout_s,
                 self._idle_timeout_s,
             )
-        except OSError as e:
-            if not self._stop.is_set():
-                log.warning(
-                    "transport server %d: closing connection from %s: %s", self.port, peer, e
-                )
-        except Exception:
-            # A bug here (or in the handler) must cost one connection, not the agent.
-            log.exception("transport server %d: unexpected error serving %s", self.port, peer)
-        finally:
-            with self._lock:
-                self._conns.pop(conn, None)
-            conn.close()
+        elif not self._stop.is_set():
+            log.warning("transport server %d: closing connection from %s: %s", self.port, peer, e)
 
     def _serve_put(self, conn: socket.socket, req: dict[str, Any], header_buf: bytearray) -> None:
         ft = FrameType.PUT_BEGIN
@@ -854,7 +927,10 @@ class TransportClient:
 
     The connection is opened on first use and reused for every later call, so
     per-step replication pays the handshake once. After a failure that leaves
-    the stream out of step it is dropped and the next call reconnects.
+    the stream out of step it is dropped and the next call reconnects. A
+    reused connection the server has closed meanwhile (its idle timeout, a
+    restart) is replaced transparently, once: the request is sent again only
+    when the server provably never answered it.
     """
 
     def __init__(
@@ -883,6 +959,9 @@ class TransportClient:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._header_buf = bytearray(HEADER.size)
+        # Frames received in the current exchange: 0 means the server never
+        # answered, so the request may be sent again on a fresh connection.
+        self._replies = 0
 
     def __enter__(self) -> TransportClient:
         return self
@@ -956,28 +1035,55 @@ class TransportClient:
             return True
         return True  # b"" (peer closed) or stray bytes: either way start afresh
 
+    def _recv(
+        self, sock: socket.socket, expect: set[FrameType], max_len: int | None = None
+    ) -> tuple[FrameType, bytes]:
+        """``recv_frame``, counting replies (see ``_exchange``)."""
+        frame = recv_frame(sock, expect, max_len)
+        self._replies += 1
+        return frame
+
     def _exchange(self, what: str, fn: Callable[[socket.socket], _T]) -> _T:
         with self._lock:
+            reused = self._sock is not None
             sock = self._ensure_connected()
+            reused = reused and sock is self._sock
+            self._replies = 0
             try:
                 return fn(sock)
-            except _Refused:
-                raise  # the peer said no at a point where the stream is in step
-            except TransportError as e:
+            except (_PeerClosed, ConnectionResetError, BrokenPipeError) as e:
+                if not (reused and self._replies == 0):
+                    return self._fail(what, e)
+                # Closed while idle (the server's idle timeout raced our
+                # check): nothing was answered, so nothing was done. Once more.
                 self._drop()
-                raise TransportError(f"{what} with {self.host}:{self.port}: {e}") from None
-            except _TIMEOUTS:
-                self._drop()
-                raise TransportError(
-                    f"{what} with {self.host}:{self.port}: no progress for {self._timeout_s}s"
-                ) from None
-            except OSError as e:
-                self._drop()
-                raise TransportError(f"{what} with {self.host}:{self.port}: {e}") from None
-            except BaseException:
-                # KeyboardInterrupt mid-transfer leaves the stream out of step.
-                self._drop()
-                raise
+                return self._attempt(what, fn)
+            except BaseException as e:
+                return self._fail(what, e)
+
+    def _attempt(self, what: str, fn: Callable[[socket.socket], _T]) -> _T:
+        sock = self._ensure_connected()
+        self._replies = 0
+        try:
+            return fn(sock)
+        except BaseException as e:
+            return self._fail(what, e)
+
+    def _fail(self, what: str, e: BaseException) -> NoReturn:
+        """Raise ``e`` as the caller should see it, dropping a connection out of step."""
+        if isinstance(e, _Refused):
+            raise e  # the peer said no at a point where the stream is in step
+        # Anything else (KeyboardInterrupt mid-transfer included) leaves the
+        # stream out of step.
+        self._drop()
+        where = f"{what} with {self.host}:{self.port}"
+        if isinstance(e, TransportError):
+            raise TransportError(f"{where}: {e}") from None
+        if isinstance(e, _TIMEOUTS):
+            raise TransportError(f"{where}: no progress for {self._timeout_s}s") from None
+        if isinstance(e, OSError):
+            raise TransportError(f"{where}: {e}") from None
+        raise e
 
     def _refused(self, what: str, payload: bytes) -> _Refused:
         return _Refused(f"{what} failed at {self.host}:{self.port}: {_error_text(payload)}")
@@ -1013,7 +1119,7 @@ class TransportClient:
                     "manifest_len": len(manifest),
                 },
             )
-            ftype, payload = recv_frame(sock, {FrameType.READY})
+            ftype, payload = self._recv(sock, {FrameType.READY})
             if ftype == FrameType.ERROR:
                 raise self._refused(what, payload)
             progress = [0]
@@ -1029,7 +1135,7 @@ class TransportClient:
                 raise TransportError(
                     f"peer closed mid-transfer after {progress[0]} of {total} bytes ({e})"
                 ) from None
-            ftype, payload = recv_frame(sock, {FrameType.ACK})
+            ftype, payload = self._recv(sock, {FrameType.ACK})
             if ftype == FrameType.ERROR:
                 raise self._refused(what, payload)
             return time.perf_counter() - t0
@@ -1059,7 +1165,7 @@ class TransportClient:
 
         def run(sock: socket.socket) -> tuple[bytes, memoryview | bytearray]:
             _send_json(sock, FrameType.GET, req)
-            ftype, payload = recv_frame(sock, {FrameType.GET_BEGIN})
+            ftype, payload = self._recv(sock, {FrameType.GET_BEGIN})
             if ftype == FrameType.ERROR:
                 raise self._refused(what, payload)
             info = _parse_json(FrameType.GET_BEGIN, payload)
@@ -1083,7 +1189,7 @@ class TransportClient:
                     )
                 out = bytearray(data_len)
                 dest = memoryview(out)
-            ftype, manifest = recv_frame(sock, {FrameType.MANIFEST}, max_len=manifest_len)
+            ftype, manifest = self._recv(sock, {FrameType.MANIFEST}, max_len=manifest_len)
             if ftype == FrameType.ERROR:
                 raise TransportError(f"peer aborted the transfer: {_error_text(manifest)}")
             if len(manifest) != manifest_len:
@@ -1112,7 +1218,7 @@ class TransportClient:
 
         def run(sock: socket.socket) -> dict[str, Any]:
             send_frame(sock, FrameType.LIST)
-            ftype, payload = recv_frame(sock, {FrameType.LIST_REPLY})
+            ftype, payload = self._recv(sock, {FrameType.LIST_REPLY})
             if ftype == FrameType.ERROR:
                 raise self._refused("list", payload)
             return _parse_json(FrameType.LIST_REPLY, payload)
