@@ -1,4 +1,4 @@
-"""``run(cfg)``: one job, end to end — the controller of the process shape in DESIGN.md §2.
+"""``run(cfg)``: one job, end to end — the controller (docs/design.md §1).
 
 The calling process is the controller: it hosts the KV store, starts the
 root agent and the node launchers, fires the failure schedule, shows

@@ -105,6 +105,7 @@ class MemoryBackend(CheckpointBackend):
     """``backend=memory``: two slots per rank in the local agent's shared memory."""
 
     name = "memory"
+    allocates = True
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)

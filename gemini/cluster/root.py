@@ -143,6 +143,7 @@ class RootAgent:
                 "teardown_s": 0.0,
                 "restart_s": now - t_elected,
                 "rendezvous_s": 0.0,
+                "alloc_s": 0.0,
                 "retrieve_s": 0.0,
                 "load_s": 0.0,
                 "replay_s": 0.0,
@@ -225,6 +226,40 @@ class RootAgent:
         now = time.monotonic()
         for n in nodes:
             self.live.changed[n] = now
+
+    def wait_allocated(self, nodes: list[int], timeout_s: float = 120.0) -> float:
+        """Wait until fresh nodes' agents have allocated their slots; returns the seconds.
+
+        A replaced node's agent creates and touches the slots of every rank it
+        holds as soon as it comes up (the sizes are known from the first
+        generation); a disk restart pays nothing of the kind. Waiting here,
+        before the inventory (which the agent answers only after allocating),
+        makes that work its own phase, ``alloc_s``.
+        """
+        if self.cfg.backend.name not in ("memory", "replicated"):
+            return 0.0
+        from gemini.checkpoint.memory import held_sources
+
+        t0 = time.time()
+        rpn = self.cfg.cluster.ranks_per_node
+        deadline = time.monotonic() + timeout_s
+        for n in nodes:
+            inc = self.store.get_json_or(keys.agent(n), {}).get("incarnation")
+            for src in held_sources(self.cfg, n):
+                for rank in range(src * rpn, (src + 1) * rpn):
+                    if not self.store.exists(keys.ckpt_size(rank)):
+                        continue  # never announced: nothing to allocate yet
+                    while (
+                        self.store.get_json_or(keys.ckpt_ready(n, rank), {}).get("incarnation")
+                        != inc
+                    ):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(
+                                f"replacement node {n} did not allocate slots for rank {rank} "
+                                f"in {timeout_s:.0f} s"
+                            )
+                        time.sleep(0.01)
+        return time.time() - t0
 
     def inventory(self, timeout_s: float = 60.0) -> dict[int, dict[int, list[int]]]:
         """Ask every agent which verified steps it holds, per source rank."""
@@ -312,10 +347,13 @@ class RootAgent:
         replaced: set[int] = set()
         readies: dict[int, Any] = {}
         t_launch = t_torn
+        alloc_before_s = 0.0
         for _attempt in range(5):
             if dead_set - replaced:
-                self.replace(sorted(dead_set - replaced))
+                fresh = sorted(dead_set - replaced)
+                self.replace(fresh)
                 replaced |= dead_set
+                alloc_before_s += self.wait_allocated(fresh)
             rec["dead_nodes"] = sorted(dead_set)
             rec["kind"] = "hardware" if dead_set else "software"
             if dead_set:
@@ -351,7 +389,7 @@ class RootAgent:
                         (r, plan.step, str(src.get("kind", "")), int(src.get("node", -1)))
                     )
         t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
-        rec.update(restart_phases(t_torn, readies))
+        rec.update(restart_phases(t_torn, readies, alloc_before_s))
         prepare = [float(v.get("ckpt_prepare_s", 0.0)) for v in readies.values()]
         rec["ckpt_prepare_s"] = max(prepare) if prepare else 0.0
         rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())

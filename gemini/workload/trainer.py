@@ -167,17 +167,17 @@ def rendezvous(
     return me, ready
 
 
-def restore(me: Rank, state: TrainState, backend: CheckpointBackend) -> dict[str, Any]:
-    """Prepare checkpoint memory and, if the plan says so, load the planned step.
+def restore(state: TrainState, backend: CheckpointBackend, plan: dict[str, Any]) -> dict[str, Any]:
+    """Prepare checkpoint memory and, if the recovery plan says so, load its step.
 
     Returns what the ``ready`` record reports about it (timings, source, bytes).
     """
-    start_step = int(me.plan.get("start_step", 0))
+    start_step = int(plan.get("start_step", 0))
     ready: dict[str, Any] = {"start_step": start_step}
     if backend.enabled:
         ready.update(backend.prepare(state))
     if start_step > 0:
-        source = me.plan["sources"][str(me.rank)]
+        source = plan["sources"][str(state.rank)]
         ready["t_retrieve_start"] = time.time()
         got = backend.retrieve(start_step, source)
         ready["t_retrieve_end"] = time.time()
@@ -308,7 +308,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     state = TrainState(cfg, rank, me.world, me.device)
     ctx = BackendContext(job, node, rank, local_rank, me.world, config_hash(cfg))
     backend = make_backend(ctx)
-    ready.update(restore(me, state, backend), t=time.time())
+    ready.update(restore(state, backend, me.plan), t=time.time())
     me.store.set(keys.progress(rank), str(state.step))
     me.store.set_json(keys.ready(gen, rank), ready)
     reporter = Reporter(job, rank, gen)
