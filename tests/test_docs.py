@@ -69,6 +69,18 @@ def test_the_store_key_table_lists_exactly_the_declared_keys() -> None:
     assert sorted(set(documented) - set(declared)) == [], "documented but not declared"
 
 
+def test_the_store_key_table_says_which_values_are_signed() -> None:
+    keys = pytest.importorskip("gemini.cluster.keys")
+    rows = [line for line in section("Store keys").splitlines() if line.startswith("| `")]
+    said = {
+        key: row.split("|")[2].strip() == "yes"
+        for row in rows
+        for key in re.findall(r"`([^`]+)`", row.split("|")[1])
+    }
+    wrong = [k.pattern for k in keys.TABLE if said.get(k.pattern) != k.signed]
+    assert wrong == [], f"docs/design.md says otherwise about signing: {wrong}"
+
+
 def test_every_metric_a_job_logs_is_explained_in_the_design_document() -> None:
     text = section("Metrics")
     missing = [name for name in metric_names() if f"`{name}`" not in text]
