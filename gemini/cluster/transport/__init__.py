@@ -9,13 +9,14 @@ slots, which step is complete) lives behind the :class:`Handler` and
 :class:`PutTarget` protocols and is implemented elsewhere.
 
 Security rules kept here: every connection proves knowledge of the run secret
-in both directions before any request is read, and must finish doing so within
-a few seconds (an unauthenticated peer holds a connection slot no longer; at
-most half the slots are unauthenticated, the oldest of them given up to a
-newcomer); every frame's payload carries
-an xxh3_64 checksum that the receiver verifies; lengths are checked against
-per-frame limits before anything is allocated; control payloads are JSON and
-data payloads raw bytes, so nothing received is ever unpickled. There is no
+in both directions before any request is read, and must do so within a few
+seconds (an unauthenticated peer holds a connection slot no longer; at most
+half the slots are unauthenticated, the oldest of them given up to a
+newcomer); an authenticated connection left idle is closed; every frame's
+payload carries an xxh3_64 checksum that the receiver verifies; lengths are
+checked against per-frame limits before anything is allocated; control
+payloads are JSON and data payloads raw bytes, so nothing received is ever
+unpickled. There is no
 encryption and no per-frame MAC: the secret authenticates who connects, the
 checksums catch corruption; neither hides nor protects the bytes from someone
 who can read or rewrite packets on the network.
