@@ -217,8 +217,14 @@ TABLE: tuple[Key, ...] = (
     Key("root/inject_seen", False, _R, _R, "counter: injected failures already attributed"),
     Key("inv/req", False, _R, _A, "counter: inventory requests"),
     Key("inv/{n}/{i}", True, _A, _R, "JSON: verified steps node i holds, answer to request n"),
-    Key("ckpt/size/{r}", True, _T, _A, "JSON: slot sizes rank r needs"),
-    Key("ckpt/ready/{i}/{r}", True, _A, _T, "JSON: node i allocated rank r's slots"),
+    Key("ckpt/size/{r}", True, _T, f"{_A}, {_R}", "JSON: slot sizes rank r needs"),
+    Key(
+        "ckpt/ready/{i}/{r}",
+        True,
+        _A,
+        f"{_T}, {_R}",
+        "JSON: node i allocated rank r's slots (the root waits for a new node's: alloc_s)",
+    ),
 )
 
 
