@@ -240,8 +240,8 @@ TABLE: tuple[Key, ...] = (
         "ckpt/ready/{i}/{r}",
         True,
         _A,
-        _T,
-        "JSON: node i allocated rank r's slots (incarnation, touch time)",
+        f"{_T}, {_R}",
+        "JSON: node i allocated rank r's slots (the root waits for a new node's: alloc_s)",
     ),
 )
 
