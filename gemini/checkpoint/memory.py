@@ -207,6 +207,7 @@ class MemoryBackend(CheckpointBackend):
                 buf=dst,
                 chunk_bytes=self.chunk,
                 checksums=sums,
+                generation=self.ctx.generation,
             )
             self.slots.commit(idx, manifest)
             timing.local_s = time.perf_counter() - t0

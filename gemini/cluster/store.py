@@ -20,6 +20,14 @@ Key space (all keys are strings):
 ``trainer/{g}/{r}``          JSON: pid and node of rank r in generation g
 ``exit/{g}/{r}``             JSON: exit code of rank r in generation g
 ``ready/{g}/{r}``            JSON: restore timings of rank r in generation g
+``restore_failed/{g}/{r}``   JSON: the source rank r of generation g could not
+                             read (step, source, error)
+``trim/req``, ``trim/{n}``   the root's n-th request that every agent drop its
+                             copies newer than a plan's step
+``trim/{n}/{node}``          JSON: a node's answer, the steps it dropped per rank
+``inv/req``, ``inv/{n}/{node}``
+                             inventory requests and each node's answer:
+                             verified ``[step, generation]`` per source rank
 ``progress/{r}``             last completed step of rank r
 ``metrics/{r}``              newline-separated JSON records, appended
 ``final/{g}/{r}``            JSON: the final digest and run means of rank r

@@ -137,7 +137,7 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     rendezvous_s = time.perf_counter() - t_rdzv
     milestones["t_rdzv_end"] = time.time()
     state = TrainState(cfg, rank, world, device)
-    ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg))
+    ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg), generation=gen)
     backend: CheckpointBackend = make_backend(ctx)
     b = cfg.backend
     cadence = make_cadence(
@@ -152,7 +152,15 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     if start_step > 0:
         source = plan["sources"][str(rank)]
         ready["t_retrieve_start"] = time.time()
-        got = backend.retrieve(start_step, source)
+        try:
+            got = backend.retrieve(start_step, source)
+        except Exception as e:
+            # The root excludes this source, and only this one, from its next plan.
+            store.set_json(
+                f"restore_failed/{gen}/{rank}",
+                {"step": start_step, "source": source, "error": f"{type(e).__name__}: {e}"},
+            )
+            raise
         ready["t_retrieve_end"] = time.time()
         t_load = time.perf_counter()
         state.load(got.tensors, got.extra)
