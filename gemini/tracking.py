@@ -194,11 +194,11 @@ def record_job(
             metrics.append(Metric(f"run/{k}", float(v), 0, 0))
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
-    tags = [RunTag("outcome", str(summary.get("outcome", "")))]
+    run_tags = [RunTag("outcome", str(summary.get("outcome", "")))]
     if summary.get("reason"):
         # MLflow caps tag values; the whole reason is in summary.json.
-        tags.append(RunTag("reason", str(summary["reason"])[:5000]))
-    client.log_batch(rid, tags=tags)
+        run_tags.append(RunTag("reason", str(summary["reason"])[:5000]))
+    client.log_batch(rid, tags=run_tags)
     for name in (".hydra", "summary.json", "logs"):
         path = job_dir / name
         if path.is_dir():
