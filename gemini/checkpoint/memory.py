@@ -123,7 +123,13 @@ class MemoryBackend(CheckpointBackend):
         self.persist_interval = 0
         """Persist every this many steps (0 = not yet calibrated / never)."""
         self._disk: DiskStore | None = None
-        self._arm = self.store.get_json_or(f"inject/arm/{ctx.rank}")
+        arm = self.store.get_json_or(f"inject/arm/{ctx.rank}")
+        if arm is not None and arm.get("after_gen") is not None:
+            # A follow-up failure: only a generation after the one it follows.
+            arm = arm if ctx.generation > int(arm["after_gen"]) else None
+        self._arm = arm
+        self._restored = 0
+        """The step this rank restored (a follow-up failure counts from it)."""
 
     # -- start-up ---------------------------------------------------------------
     def _prepare(self, state: TrainState) -> dict[str, Any]:
@@ -169,7 +175,8 @@ class MemoryBackend(CheckpointBackend):
         idx = self.slots.begin_write(step)
         kill_midway = (
             self._arm is not None
-            and int(self._arm["step"]) == step
+            and int(self._arm["step"]) + (self._restored if self._arm.get("after_recovery") else 0)
+            == step
             and not self.store.exists(f"inject/fired/{self._arm['id']}")
         )
         self._error = None
@@ -233,6 +240,7 @@ class MemoryBackend(CheckpointBackend):
                 **arm,
                 "t": time.time(),
                 "step": step,
+                "gen": self.ctx.generation,
                 "what": f"kill during the snapshot of step {step}",
             },
         )
@@ -281,6 +289,7 @@ class MemoryBackend(CheckpointBackend):
     # -- restore ------------------------------------------------------------------
     def _retrieve(self, step: int, source: dict[str, Any]) -> Retrieved:
         assert self.slots is not None, "prepare() first"
+        self._restored = step
         kind = source.get("kind", "local")
         if kind == "storage":
             disk = self._disk or _disk_store(self.ctx)
