@@ -76,7 +76,7 @@ except ModuleNotFoundError:  # run as a script, as `make bench` does: siblings a
     from disk import overhead as disk_overhead  # type: ignore[no-redef]
     from transport import SECRET, _raw_receiver  # type: ignore[no-redef]
 from gemini.checkpoint import format as fmt
-from gemini.checkpoint.agent_side import _SlotTarget
+from gemini.checkpoint.node_memory import _SlotTarget
 from gemini.checkpoint.slot import SlotSet, manifest_capacity_for
 from gemini.config import GeminiConfig
 

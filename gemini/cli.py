@@ -114,7 +114,7 @@ def check_composition(args: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from gemini.config import to_schema
+    from gemini.config import to_schema, validate
 
     if any(
         a in ("--help", "-h", "--hydra-help", "--info", "-i")
@@ -130,6 +130,7 @@ def check_composition(args: list[str]) -> None:
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 cfg = compose("config", overrides=overrides)
             typed = to_schema(cfg)
+            validate(typed, host=True)
         except ConfigError as e:
             fail(str(e))
         except Exception as e:  # composition errors: unknown keys, wrong types

@@ -2,14 +2,21 @@
 
 The YAML files under ``conf/`` extend these schemas: a key that is not declared
 here is refused at composition, and :func:`validate` checks the values that a
-type alone cannot (ranges, cross-group consistency). Every refusal is a
-:class:`ConfigError` that names the key, the value and the fix, so the entry
-point can print one line and exit 2.
+type alone cannot (ranges, cross-group consistency), builds once the objects
+the processes of a job will build from them (cadence, placement, failure
+schedule), and with ``host=True`` checks this machine (address, paths,
+/dev/shm). Every refusal is a :class:`ConfigError` that names the key, the
+value and the fix, so the entry point can print one line and exit 2 before
+the job directory, the store or any process exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +273,25 @@ def to_schema(cfg: DictConfig | GeminiConfig) -> GeminiConfig:
     return obj
 
 
-def validate(cfg: GeminiConfig) -> None:
+def validate(cfg: GeminiConfig, *, host: bool = False) -> None:
+    """Refuse, before anything starts, every config the job would fail on later.
+
+    Values a type cannot check (ranges, choices, cross-group consistency);
+    then a dry run of what the processes build from the config — the cadence
+    policy, the replica placement, the failure schedule — and the failure
+    kinds the backend cannot inject or recover exactly. With ``host=True``,
+    also this machine: ``cluster.host`` bindable, storage and outputs
+    writable (nothing is created), /dev/shm large enough. The host checks are
+    for the controller before a start; a process re-reading a job's config
+    elsewhere leaves them out.
+    """
+    check_values(cfg)
+    dry_run(cfg)
+    if host:
+        check_host(cfg)
+
+
+def check_values(cfg: GeminiConfig) -> None:
     """Refuse values a type cannot: ranges, choices, cross-group consistency."""
     m, c, t, b = cfg.model, cfg.cluster, cfg.train, cfg.backend
     _choice("model.kind", m.kind, ("mlp", "gpt"))
@@ -326,7 +351,8 @@ def validate(cfg: GeminiConfig) -> None:
                 "use backend=memory or backend=replicated",
             )
     r = b.replication
-    if b.name == "replicated":
+    # two_in_group picks its pair from the placement, whatever the backend.
+    if b.name == "replicated" or cfg.failure.name == "two_in_group":
         if not 1 <= r.factor <= c.nodes:
             raise ConfigError(
                 "backend.replication.factor",
@@ -334,6 +360,149 @@ def validate(cfg: GeminiConfig) -> None:
                 f"use a factor between 1 and cluster.nodes={c.nodes}",
             )
         _choice("backend.replication.placement", r.placement, ("group", "mixed", "ring"))
+
+
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """The constructors' own refusals, as the ConfigError the entry point prints."""
+    from gemini.checkpoint.cadence import CadenceError
+    from gemini.checkpoint.placement import PlacementError
+    from gemini.schedules import ScheduleError
+
+    try:
+        yield
+    except (CadenceError, ScheduleError) as e:
+        raise ConfigError(e.key, e.value, e.fix) from e
+    except PlacementError as e:  # its message names its own key
+        raise ConfigError("backend.replication", "", str(e)) from e
+
+
+# Schedules whose events all hit one node at a step, as a kill during a
+# snapshot must be armed (the trainer, not the injector, fires it).
+_ONE_NODE_AT_A_STEP = ("kill_during_snapshot", "software_once", "hardware_once", "corruption")
+
+
+def dry_run(cfg: GeminiConfig) -> None:
+    """Build the cadence, placement and failure schedule as the job will; check the kinds."""
+    from gemini.checkpoint.cadence import cadence_for
+    from gemini.checkpoint.placement import holders_of_all, resolve_placement
+    from gemini.failures import schedule_for
+
+    b, c, f = cfg.backend, cfg.cluster, cfg.failure
+    with _refused():
+        cadence_for(cfg)
+        if b.name == "replicated":
+            r = b.replication
+            holders_of_all(c.nodes, r.factor, resolve_placement(c.nodes, r.factor, r.placement))
+        events = schedule_for(cfg)
+    if f.rank_in_node >= c.ranks_per_node and any(e.kind == "software" for e in events):
+        raise ConfigError(
+            "failure.rank_in_node",
+            f.rank_in_node,
+            f"use a local rank in [0, {c.ranks_per_node - 1}] "
+            f"(cluster.ranks_per_node={c.ranks_per_node})",
+        )
+    kinds = {e.kind for e in events}
+    one_kind = f.name in _ONE_NODE_AT_A_STEP
+    key, value = ("failure.name", f.name) if one_kind else ("failure.kind", f.kind)
+    if "corruption" in kinds:
+        if b.name != "replicated" or b.replication.factor < 2:
+            raise ConfigError(
+                key,
+                value,
+                "a corruption damages a copy held by a peer, which only backend=replicated "
+                "with backend.replication.factor >= 2 keeps: use that backend, or another failure",
+            )
+        if any(len(e.nodes) > 1 for e in events):
+            raise ConfigError(
+                key,
+                value,
+                "a corruption is injected on one node: use failure=corruption "
+                "(or failure.kind=hardware for several nodes at once)",
+            )
+    if "kill_during_snapshot" in kinds:
+        _check_kill_during_snapshot(cfg, events, key, value)
+
+
+def _check_kill_during_snapshot(cfg: GeminiConfig, events: list[Any], key: str, value: Any) -> None:
+    """A kill during a snapshot needs a snapshot in memory at a known step to interrupt."""
+    b, t = cfg.backend, cfg.train
+    if b.name not in ("memory", "replicated"):
+        raise ConfigError(
+            "backend.name",
+            b.name,
+            "a kill during a snapshot interrupts the copy into checkpoint memory, which "
+            f"backend={b.name} never makes: use backend=memory or backend=replicated",
+        )
+    if any(e.at_step is None or len(e.nodes) != 1 for e in events):
+        raise ConfigError(
+            key,
+            value,
+            "a kill during a snapshot is armed in one trainer at a step, not fired at a time "
+            "or on several nodes: use failure=kill_during_snapshot, or failure.kind=software",
+        )
+    if b.cadence != "every_n":
+        raise ConfigError(
+            "backend.cadence",
+            b.cadence,
+            "a kill during a snapshot needs snapshot steps known before the run, and this "
+            "cadence picks them while training: use backend.cadence=every_n",
+        )
+    for e in events:
+        # It lands in the first snapshot at or after its step.
+        first = -(-e.at_step // b.every_n) * b.every_n
+        if first > t.steps:
+            raise ConfigError(
+                "failure.at_step",
+                e.at_step,
+                f"no snapshot follows it (backend.every_n={b.every_n}, train.steps={t.steps}): "
+                f"use a step <= {t.steps // b.every_n * b.every_n}",
+            )
+
+
+def check_host(cfg: GeminiConfig) -> None:
+    """This machine can hold the job: its address binds, its paths are writable, its
+    /dev/shm is large enough. Creates nothing."""
+    c, b = cfg.cluster, cfg.backend
+    try:
+        infos = socket.getaddrinfo(c.host, 0, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind(addr)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            "cluster.host",
+            c.host,
+            f"cannot bind it here ({reason}): use an address of this machine, e.g. 127.0.0.1",
+        ) from e
+    check_writable_path("paths.outputs", Path(cfg.paths.outputs))
+    storage = b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0)
+    if storage and b.path:
+        check_writable_path("backend.path", Path(b.path))
+    if b.name in ("memory", "replicated"):
+        from gemini.checkpoint.memory import check_shm_budget
+
+        check_shm_budget(cfg)
+
+
+def check_writable_path(key: str, path: Path) -> None:
+    """``path`` is, or could be created as, a writable directory; nothing is created."""
+    path = Path(os.path.abspath(path))
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, str(path), f"{probe} is not a directory: choose a directory")
+    try:
+        # An unnamed file where the filesystem allows it (O_TMPFILE), else one
+        # removed at once: root passes access() checks that a write then fails.
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            key, str(path), f"{probe} is not writable ({e.strerror}): choose a writable directory"
+        ) from e
 
 
 def check_capacity(c: ClusterConfig) -> None:

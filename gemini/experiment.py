@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gemini.config import ConfigError, GeminiConfig, to_schema
+from gemini.config import ConfigError, GeminiConfig, to_schema, validate
 from gemini.recovery import PHASES, RECOVERY_METRICS
 from gemini.tracking import tracking_uri, ui_command
 
@@ -64,6 +64,8 @@ def check_writable(key: str, path: Path) -> None:
 def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str, Any]:
     """Run one job and return its summary (also written to ``summary.json``)."""
     typed = to_schema(cfg)
+    # Every refusal before the job dir, the store or a process exists.
+    validate(typed, host=True)
     hydra_dir, sweep_dir, job_name = _hydra_dirs()
     outputs = Path(typed.paths.outputs)
     check_writable("paths.outputs", outputs)

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
     from gemini.cluster.job import JobSpec
     from gemini.cluster.local import LocalCluster
     from gemini.cluster.store import Store
+    from gemini.config import GeminiConfig
 
 
-def schedule_for(job: JobSpec) -> list[FailureEvent]:
-    cfg = job.cfg
+def schedule_for(cfg: GeminiConfig) -> list[FailureEvent]:
+    """The run's failure schedule: what the injector fires, and what
+    ``gemini.config.validate`` builds once before anything starts."""
     f = cfg.failure
     if f.name == "none":
         return []
@@ -69,7 +71,8 @@ def schedule_for(job: JobSpec) -> list[FailureEvent]:
 class Injector:
     def __init__(self, job: JobSpec, store: Store, cluster: LocalCluster) -> None:
         self.job, self.store, self.cluster = job, store, cluster
-        self.events = schedule_for(job)
+        # Built once already by gemini.config.validate before the job started.
+        self.events = schedule_for(job.cfg)
         self.pending = list(enumerate(self.events))
         self.fired: list[dict[str, Any]] = []
         self.t_start: float | None = None
@@ -141,11 +144,11 @@ class Injector:
                     and self.t_start is not None
                     and time.time() - self.t_start >= ev.at_time_s
                 )
-            if due:
+            if due and self.fire(i, ev, step):
                 self.pending.remove((i, ev))
-                self.fire(i, ev, step)
 
-    def fire(self, idx: int, ev: FailureEvent, step: int) -> None:
+    def fire(self, idx: int, ev: FailureEvent, step: int) -> bool:
+        """Inject ``ev`` now; False if it cannot land yet (tried again next tick)."""
         record = {
             "id": idx,
             **ev.to_dict(),
@@ -156,14 +159,22 @@ class Injector:
         }
         rpn = self.job.cfg.cluster.ranks_per_node
         if ev.kind == "software":
+            # Every node of the event loses its rank: a correlated or
+            # two-in-group software failure kills them all at once.
             gen = self.store.counter("ctl/gen")
-            rank = ev.nodes[0] * rpn + ev.rank_in_node
-            info = self.store.get_json_or(f"trainer/{gen}/{rank}")
-            if info is None:
-                return
+            infos = [
+                self.store.get_json_or(f"trainer/{gen}/{n * rpn + ev.rank_in_node}")
+                for n in ev.nodes
+            ]
+            if any(info is None for info in infos):
+                # A restart is under way and its trainers are not all up:
+                # the event must hit the next generation, not vanish.
+                return False
             record["t"] = time.time()
             self.store.push("inject", record)
-            _kill(int(info["pid"]))
+            for info in infos:
+                assert info is not None
+                _kill(int(info["pid"]))
         elif ev.kind == "hardware":
             record["t"] = time.time()
             self.store.push("inject", record)
@@ -176,7 +187,7 @@ class Injector:
             if info is not None:
                 _kill(int(info["pid"]))
         elif ev.kind == "corruption":
-            from gemini.checkpoint.agent_side import corrupt_replica
+            from gemini.checkpoint.node_memory import corrupt_replica
 
             # Kill first: a live source would overwrite the damaged replica
             # with its next step before recovery ever looked at it.
@@ -186,6 +197,7 @@ class Injector:
             record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
             self.store.push("inject", record)
         self.fired.append(record)
+        return True
 
     def stop(self) -> None:
         self.pending = []

@@ -19,7 +19,8 @@ from conftest import compose_config
 
 from gemini.checkpoint.disk import storage_complete_steps
 from gemini.checkpoint.slot import list_segments
-from gemini.cluster.job import JobSpec, run_processes
+from gemini.cluster.job import JobSpec
+from gemini.cluster.processes import run_processes
 from gemini.config import config_hash, to_schema
 from gemini.experiment import run
 
@@ -158,6 +159,6 @@ def test_a_measured_cadence_takes_checkpoints_all_ranks_can_restore(
     # rank took it at the same step.
     spec = JobSpec.load(job_dir / "job.json")
     complete = storage_complete_steps(
-        spec.config, job_dir, spec.run_id, NODES, config_hash=config_hash(spec.cfg)
+        spec.cfg, job_dir, spec.run_id, NODES, config_hash=config_hash(spec.cfg)
     )
     assert complete, "no step on storage has every rank's checkpoint"

@@ -18,7 +18,6 @@ from gemini.checkpoint.cadence import (
     HighFreq,
     YoungDaly,
     make_cadence,
-    persist_due,
 )
 
 
@@ -253,21 +252,3 @@ def test_bad_observations_are_refused(name: str) -> None:
         policy.observe(1, -1.0, None)
     with pytest.raises(CadenceError, match="ckpt_time_s"):
         policy.observe(1, 1.0, math.nan)
-
-
-# -- persist_due -----------------------------------------------------------
-
-
-def test_persist_due_after_the_period_has_elapsed() -> None:
-    assert not persist_due(100.0, 100.0 + 3599.0, 3600.0)
-    assert persist_due(100.0, 100.0 + 3600.0, 3600.0)
-
-
-@pytest.mark.parametrize("period", [0.0, -5.0])
-def test_persist_disabled_by_a_non_positive_period(period: float) -> None:
-    assert not persist_due(0.0, 1e9, period)
-
-
-def test_persist_refuses_nan() -> None:
-    with pytest.raises(CadenceError, match=r"backend.persist_every_s"):
-        persist_due(0.0, 1.0, math.nan)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from gemini.cluster.job import run_processes
+from gemini.cluster.processes import run_processes
 from gemini.cluster.store import Store
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")

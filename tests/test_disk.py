@@ -25,7 +25,7 @@ from gemini.checkpoint.disk import (
     storage_complete_steps,
 )
 from gemini.cluster.job import JobSpec
-from gemini.config import GeminiConfig
+from gemini.config import BackendConfig, GeminiConfig
 from gemini.workload.state import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,7 +281,8 @@ def test_a_rollback_drops_every_newer_step_and_keeps_the_restored_one(tmp_path: 
 def test_storage_reports_the_generation_of_each_complete_step(tmp_path: Path) -> None:
     from gemini.checkpoint.disk import drop_storage_newer_than, storage_checkpoints
 
-    config: dict[str, Any] = {"backend": {"path": str(tmp_path / "ckpt")}}
+    config = GeminiConfig()
+    config.backend.path = str(tmp_path / "ckpt")
     store = DiskStore(tmp_path / "ckpt", "run")
     write_step(store, 2, rank=0, world_size=2, generation=1)
     write_step(store, 2, rank=1, world_size=2, generation=1)
@@ -326,17 +327,17 @@ def test_checkpoint_of_another_config_is_refused_in_one_line(tmp_path: Path) -> 
         f"checkpoint at {store.manifest_path(0, 1)} was written by another config "
         "(hash cfg, this run other): point backend.path elsewhere or delete it"
     )
-    job_config = {"backend": {"path": str(tmp_path)}}
-    assert storage_complete_steps(job_config, "/nonexistent", "run", 1) == [1]
-    assert storage_complete_steps(job_config, "/nonexistent", "run", 1, config_hash="cfg") == [1]
+    cfg = GeminiConfig(backend=BackendConfig(path=str(tmp_path)))
+    assert storage_complete_steps(cfg, "/nonexistent", "run", 1) == [1]
+    assert storage_complete_steps(cfg, "/nonexistent", "run", 1, config_hash="cfg") == [1]
     with pytest.raises(CheckpointError, match="another config"):
-        storage_complete_steps(job_config, "/nonexistent", "run", 1, config_hash="other")
+        storage_complete_steps(cfg, "/nonexistent", "run", 1, config_hash="other")
 
 
 def test_storage_root_defaults_under_the_job_dir(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "checkpoints", "run")
     write_step(store, 3)
-    assert storage_complete_steps({"backend": {"path": ""}}, str(tmp_path), "run", 1) == [3]
+    assert storage_complete_steps(GeminiConfig(), str(tmp_path), "run", 1) == [3]
 
 
 # -- DiskBackend with a real TrainState --------------------------------------------

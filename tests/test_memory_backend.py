@@ -29,11 +29,12 @@ import torch
 from omegaconf import OmegaConf
 
 from gemini.checkpoint import format as fmt
-from gemini.checkpoint.agent_side import corrupt_replica
 from gemini.checkpoint.backend import BackendContext, CheckpointBackend, make_backend
 from gemini.checkpoint.memory import check_shm_budget, estimate_rank_bytes
+from gemini.checkpoint.node_memory import corrupt_replica
 from gemini.checkpoint.slot import list_segments, shm_available_bytes, unlink_prefix
-from gemini.cluster.job import JobSpec, kill_tree, new_secret_file, run_processes, spawn_module
+from gemini.cluster.job import JobSpec, new_secret_file
+from gemini.cluster.processes import kill_tree, run_processes, spawn_module
 from gemini.cluster.recovering import request_trim, trim_acks
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig, config_hash, to_schema

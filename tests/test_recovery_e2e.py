@@ -19,7 +19,7 @@ import pytest
 from conftest import compose_config
 
 from gemini.checkpoint.slot import list_segments
-from gemini.cluster.job import run_processes
+from gemini.cluster.processes import run_processes
 from gemini.config import to_schema
 from gemini.experiment import run
 from gemini.recovery import RECOVERY_METRICS

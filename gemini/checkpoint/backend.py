@@ -197,7 +197,7 @@ class NoBackend(CheckpointBackend):
 
 def make_backend(ctx: BackendContext) -> CheckpointBackend:
     """The backend the config names."""
-    name = ctx.job.config["backend"]["name"]
+    name = ctx.job.cfg.backend.name
     if name == "none":
         return NoBackend(ctx)
     if name == "memory":

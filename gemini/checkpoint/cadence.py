@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from gemini.config import GeminiConfig
 
 CADENCES = ("every_n", "highfreq", "checkfreq", "young_daly")
 
@@ -320,20 +323,10 @@ def make_cadence(
     raise CadenceError("backend.cadence", name, f"use one of {', '.join(CADENCES)}")
 
 
-def persist_due(last_persist_time: float, now: float, persist_every_s: float) -> bool:
-    """Whether the periodic persistent checkpoint is due.
-
-    Gemini keeps a persistent checkpoint every few hours as its last resort,
-    for when every in-memory holder of some shard is lost at once (§3).
-    ``persist_every_s <= 0`` disables it; times are seconds on one clock.
-    """
-    for key, value in (
-        ("backend.persist_every_s", persist_every_s),
-        ("last_persist_time", last_persist_time),
-        ("now", now),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise CadenceError(key, value, "must be a number of seconds")
-    if persist_every_s <= 0:
-        return False
-    return now - last_persist_time >= persist_every_s
+def cadence_for(cfg: GeminiConfig) -> CadencePolicy:
+    """The policy ``cfg.backend`` asks for: what each trainer builds, and what
+    ``gemini.config.validate`` builds once before anything starts."""
+    b = cfg.backend
+    return make_cadence(
+        b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s
+    )

@@ -59,6 +59,7 @@ from gemini.checkpoint.backend import (
 )
 
 if TYPE_CHECKING:
+    from gemini.config import GeminiConfig
     from gemini.workload.state import TrainState
 
 __all__ = [
@@ -70,7 +71,7 @@ __all__ = [
     "storage_checkpoints",
     "storage_complete_steps",
     "storage_dir",
-    "storage_root",
+    "uses_storage",
 ]
 
 PERSIST_MODES = ("blocking", "background")
@@ -228,15 +229,17 @@ def decode_manifest(raw: bytes, where: str | Path) -> fmt.Manifest:
         raise fmt.FormatError(f"{where}: {e}") from None
 
 
-def storage_dir(path: str, job_dir: str | Path) -> Path:
-    """Where the ``disk`` backend and the persistent tier write: ``backend.path``
-    if set, else ``<job_dir>/checkpoints``."""
-    return Path(path) if path else Path(job_dir) / "checkpoints"
+def storage_dir(cfg: GeminiConfig, job_dir: str | Path) -> Path:
+    """The one rule for where the ``disk`` backend and the persistent tier
+    write: ``backend.path`` if set, else ``<job_dir>/checkpoints``."""
+    return Path(cfg.backend.path) if cfg.backend.path else Path(job_dir) / "checkpoints"
 
 
-def storage_root(job_config: dict[str, Any], job_dir: str | Path) -> Path:
-    """:func:`storage_dir` from a plain job config (what agents and trainers hold)."""
-    return storage_dir(str(job_config.get("backend", {}).get("path") or ""), job_dir)
+def uses_storage(cfg: GeminiConfig) -> bool:
+    """Whether a run writes to storage at all: the ``disk`` backend, or a
+    memory backend with a persistent tier (``backend.persist_every_s``)."""
+    b = cfg.backend
+    return b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0)
 
 
 # -- the store ------------------------------------------------------------------
@@ -537,7 +540,7 @@ class DiskStore:
 
 
 def storage_complete_steps(
-    job_config: dict[str, Any],
+    cfg: GeminiConfig,
     job_dir: str | Path,
     run_id: str,
     world_size: int,
@@ -549,7 +552,7 @@ def storage_complete_steps(
     With ``config_hash``, the newest step's rank-0 manifest is checked first
     and a checkpoint of another config is refused with a CheckpointError.
     """
-    store = DiskStore(storage_root(job_config, job_dir), run_id, drop_cache=False)
+    store = DiskStore(storage_dir(cfg, job_dir), run_id, drop_cache=False)
     steps = store.complete_steps(world_size)
     if steps and config_hash is not None:
         store.check_config(config_hash, steps[0], 0)
@@ -557,7 +560,7 @@ def storage_complete_steps(
 
 
 def storage_checkpoints(
-    job_config: dict[str, Any],
+    cfg: GeminiConfig,
     job_dir: str | Path,
     run_id: str,
     world_size: int,
@@ -570,11 +573,9 @@ def storage_checkpoints(
     one that decides whether the step is on the current timeline. A step
     pruned while being listed is left out.
     """
-    store = DiskStore(storage_root(job_config, job_dir), run_id, drop_cache=False)
+    store = DiskStore(storage_dir(cfg, job_dir), run_id, drop_cache=False)
     out = []
-    for step in storage_complete_steps(
-        job_config, job_dir, run_id, world_size, config_hash=config_hash
-    ):
+    for step in storage_complete_steps(cfg, job_dir, run_id, world_size, config_hash=config_hash):
         try:
             out.append((step, store.generation(step, world_size)))
         except CheckpointError:
@@ -583,10 +584,10 @@ def storage_checkpoints(
 
 
 def drop_storage_newer_than(
-    job_config: dict[str, Any], job_dir: str | Path, run_id: str, step: int
+    cfg: GeminiConfig, job_dir: str | Path, run_id: str, step: int
 ) -> list[int]:
     """:meth:`DiskStore.drop_newer_than` on the job's storage."""
-    return DiskStore(storage_root(job_config, job_dir), run_id).drop_newer_than(step)
+    return DiskStore(storage_dir(cfg, job_dir), run_id).drop_newer_than(step)
 
 
 # -- the backend --------------------------------------------------------------
@@ -608,18 +609,18 @@ class DiskBackend(CheckpointBackend):
 
     def __init__(self, ctx: BackendContext, *, root: Path | None = None) -> None:
         super().__init__(ctx)
-        b = ctx.job.config.get("backend", {})
-        self.persist = str(b.get("persist", "blocking"))
+        b = ctx.job.cfg.backend
+        self.persist = b.persist
         if self.persist not in PERSIST_MODES:
             raise CheckpointError(
                 f"backend.persist={self.persist!r}: use one of {', '.join(PERSIST_MODES)}"
             )
-        self.chunk_bytes = int(b.get("chunk_mb", 4)) << 20
+        self.chunk_bytes = b.chunk_mb << 20
         self.store = DiskStore(
-            Path(root) if root is not None else storage_root(ctx.job.config, ctx.job.job_dir),
+            Path(root) if root is not None else storage_dir(ctx.job.cfg, ctx.job.job_dir),
             ctx.job.run_id,
-            bandwidth_gbps=float(b.get("bandwidth_gbps", 0.0)),
-            keep_last=int(b.get("keep_last", 2)),
+            bandwidth_gbps=b.bandwidth_gbps,
+            keep_last=b.keep_last,
         )
         self._staging: torch.Tensor | None = None
         self._worker: threading.Thread | None = None

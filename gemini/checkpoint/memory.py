@@ -1,7 +1,7 @@
 """In-memory checkpoints: ``memory`` (local CPU memory) and ``replicated`` (+ m-1 peers).
 
 The trainer's side. The slots live in POSIX shared memory owned by the
-node's worker agent (``agent_side``), so a trainer crash loses nothing. At
+node's worker agent (``node_memory``), so a trainer crash loses nothing. At
 start-up the trainer announces the exact size of its checkpoint; its agent
 (and, for ``replicated``, its holders' agents) allocate and touch two slots of
 that size once, and the trainer maps its local slots.
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
     from gemini.checkpoint.disk import DiskStore
     from gemini.cluster.transport import TransportClient
     from gemini.workload.state import TrainState
-
-
-def segment_kind(source_node: int, holder_node: int) -> str:
-    return "local" if source_node == holder_node else "replica"
 
 
 def replica_holders(cfg: GeminiConfig, node: int) -> list[int]:
@@ -173,10 +169,13 @@ class MemoryBackend(CheckpointBackend):
             self._persist_thread.join()
             self._persist_thread = None
         idx = self.slots.begin_write(step)
+        # The first snapshot at or after the armed step: a cadence that skips
+        # the armed step itself still gets its kill (gemini.config.validate
+        # refuses a run in which no snapshot would follow it).
         kill_midway = (
             self._arm is not None
-            and int(self._arm["step"]) + (self._restored if self._arm.get("after_recovery") else 0)
-            == step
+            and step
+            >= int(self._arm["step"]) + (self._restored if self._arm.get("after_recovery") else 0)
             and not self.store.exists(f"inject/fired/{self._arm['id']}")
         )
         self._error = None
@@ -374,14 +373,11 @@ class ReplicatedBackend(MemoryBackend):
 
 
 def _disk_store(ctx: BackendContext) -> DiskStore:
-    from pathlib import Path
-
-    from gemini.checkpoint.disk import DiskStore
-    from gemini.checkpoint.preflight import disk_root
+    from gemini.checkpoint.disk import DiskStore, storage_dir
 
     b = ctx.job.cfg.backend
     return DiskStore(
-        disk_root(ctx.job.cfg, Path(ctx.job.job_dir)),
+        storage_dir(ctx.job.cfg, ctx.job.job_dir),
         ctx.job.run_id,
         bandwidth_gbps=b.bandwidth_gbps,
         keep_last=b.keep_last,

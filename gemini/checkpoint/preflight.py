@@ -1,8 +1,9 @@
-"""Checks made before anything is started or allocated: refuse what cannot work.
+"""The storage directory, created and probed once the job directory exists.
 
-A job that would run out of /dev/shm half-way, or write into a directory it
-cannot write, should fail in the first second with one line that says what
-to change — not after the cluster started and left memory behind.
+``gemini.config.validate(cfg, host=True)`` has already refused, before
+anything existed, a path that cannot be written and a /dev/shm too small;
+this creates the directory the ``disk`` backend (or the persistent tier)
+writes to and confirms a file can be written there.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ from pathlib import Path
 from gemini.config import ConfigError, GeminiConfig
 
 
-def disk_root(cfg: GeminiConfig, job_dir: Path) -> Path:
-    """Where the ``disk`` backend (and the persistent tier) writes."""
-    from gemini.checkpoint.disk import storage_dir
-
-    return storage_dir(cfg.backend.path, job_dir)
-
-
 def preflight(cfg: GeminiConfig, job_dir: Path) -> None:
-    b = cfg.backend
-    if b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0):
-        root = disk_root(cfg, job_dir)
+    from gemini.checkpoint.disk import storage_dir, uses_storage
+
+    if uses_storage(cfg):
+        root = storage_dir(cfg, job_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".probe-{os.getpid()}"
@@ -35,7 +30,3 @@ def preflight(cfg: GeminiConfig, job_dir: Path) -> None:
                 str(root),
                 f"is not writable ({e.strerror}): choose a writable directory",
             ) from e
-    if b.name in ("memory", "replicated"):
-        from gemini.checkpoint.memory import check_shm_budget
-
-        check_shm_budget(cfg)

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gemini.cluster.job import JobSpec, spawn_module, terminate_tree
+from gemini.cluster.job import JobSpec
+from gemini.cluster.processes import spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
 # A spare's exit status when this host cannot return it from idle priority
@@ -86,7 +87,7 @@ class WorkerAgent:
 
     def start_services(self) -> dict[str, Any]:
         """The node's checkpoint services; their address goes into the registration."""
-        from gemini.checkpoint.agent_side import make_agent_services
+        from gemini.checkpoint.node_memory import make_agent_services
 
         self.services = make_agent_services(self.job, self.node, self.store)
         return dict(self.services.start())

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 
 from gemini.checkpoint.slot import unlink_prefix
-from gemini.cluster.job import JobSpec, kill_tree, run_processes, spawn_module, terminate_tree
+from gemini.cluster.job import JobSpec
+from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
 
@@ -89,10 +90,6 @@ class LocalCluster:
         )
         self.store.set_json(f"launcher/node{node}", {"pid": self.nodes[node].pid})
 
-    def node_pid(self, node: int) -> int | None:
-        p = self.nodes.get(node)
-        return p.pid if p is not None and p.poll() is None else None
-
     def kill_node(self, node: int) -> None:
         """A hardware failure: the node's whole process tree and its memory are gone."""
         p = self.nodes.get(node)
@@ -113,9 +110,6 @@ class LocalCluster:
             self.start_node(node)
             self.replaced.append((node, time.time()))
             self.store.set_json(f"spawn/{n}/ack", {"node": node, "t": time.time()})
-
-    def root_alive(self) -> bool:
-        return self.root is not None and self.root.poll() is None
 
     def teardown(self) -> None:
         """Stop everything this job started, and free its shared memory."""

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gemini.cluster.job import spawn_module, terminate_tree
+from gemini.cluster.processes import spawn_module, terminate_tree
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,19 +259,16 @@ class RootAgent:
                 }
         return out
 
-    def has_storage(self) -> bool:
-        b = self.cfg.backend
-        return b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0)
-
     def storage_checkpoints(self) -> list[tuple[int, int]]:
         """``(step, generation)`` complete on storage for every rank."""
-        if not self.has_storage():
+        from gemini.checkpoint.disk import storage_checkpoints, uses_storage
+
+        if not uses_storage(self.cfg):
             return []
-        from gemini.checkpoint.disk import storage_checkpoints
         from gemini.config import config_hash
 
         return storage_checkpoints(
-            self.job.config,
+            self.cfg,
             self.job.job_dir,
             self.job.run_id,
             self.world,
@@ -280,11 +277,11 @@ class RootAgent:
 
     def drop_storage_newer_than(self, step: int) -> list[int]:
         """Storage's share of a trim: every step above ``step``, complete or not."""
-        if not self.has_storage():
-            return []
-        from gemini.checkpoint.disk import drop_storage_newer_than
+        from gemini.checkpoint.disk import drop_storage_newer_than, uses_storage
 
-        return drop_storage_newer_than(self.job.config, self.job.job_dir, self.job.run_id, step)
+        if not uses_storage(self.cfg):
+            return []
+        return drop_storage_newer_than(self.cfg, self.job.job_dir, self.job.run_id, step)
 
     def timeline(self) -> Timeline:
         """Every generation's start step, from the plans published so far."""

@@ -101,7 +101,3 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
     """The same weights on every rank and every restart, from the seed alone."""
     torch.manual_seed(seed)
     return MLP(cfg) if cfg.kind == "mlp" else GPT(cfg)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

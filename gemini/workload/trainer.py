@@ -17,8 +17,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,9 @@ from gemini.checkpoint.backend import (
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
 from gemini.config import GeminiConfig, config_hash
+
+if TYPE_CHECKING:
+    from gemini.workload.state import TrainState
 
 
 class Reporter:
@@ -81,11 +85,17 @@ def _json_line(record: dict[str, Any]) -> str:
 
 
 def pick_device(cfg: GeminiConfig, local_rank: int) -> torch.device:
+    """The device this rank trains on: ``cluster.device``, or CUDA under ``auto`` when present."""
     want = cfg.cluster.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The collective library for ranks on ``device``: NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 # How long the ranks of a generation may take to start (a cold interpreter on a
@@ -109,55 +119,71 @@ def wait_for_generation(store: Store, gen: int, world: int) -> None:
             )
 
 
-def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
-    """Run one rank of one generation to the end of training (or its death)."""
-    from gemini.checkpoint.cadence import make_cadence
-    from gemini.workload.state import TrainState
+@dataclass
+class Rank:
+    """Who this process is in the job, once the process group is up."""
 
+    job: JobSpec
+    node: int
+    rank: int
+    local_rank: int
+    gen: int
+    """The generation (launch) this rank belongs to."""
+    world: int
+    device: torch.device
+    store: Store
+    plan: dict[str, Any]
+    """The root's recovery plan for this generation (``start_step``, ``sources``...)."""
+
+
+def rendezvous(
+    job: JobSpec, node: int, rank: int, local_rank: int, gen: int
+) -> tuple[Rank, dict[str, Any]]:
+    """Announce this rank, wait for its generation, form the process group.
+
+    Returns the rank and the first entries of its ``ready`` record: the
+    rendezvous time and its wall-clock milestones (gemini.recovery.MILESTONES),
+    along which the root cuts a restart into phases.
+    """
     cfg = job.cfg
-    torch.set_num_threads(cfg.cluster.threads_per_rank)
     store = Store.from_address(job.store)
     store.set_json(f"trainer/{gen}/{rank}", {"pid": os.getpid(), "node": node})
     plan = store.get_json(f"ctl/plan/{gen}")
-    world = job.world_size
     device = pick_device(cfg, local_rank)
-    wait_for_generation(store, gen, world)
-    # Wall-clock milestones (gemini.recovery.MILESTONES): the root cuts the
-    # restart into phases along the slowest rank's path.
-    milestones = {"t_rdzv_start": time.time()}
+    me = Rank(job, node, rank, local_rank, gen, job.world_size, device, store, plan)
+    wait_for_generation(store, gen, me.world)
+    t_rdzv_start = time.time()
     t_rdzv = time.perf_counter()
-    pg_store = dist.PrefixStore(f"gen{gen}/pg", store.raw)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        store=pg_store,
+        process_group_backend(device),
+        store=dist.PrefixStore(f"gen{gen}/pg", store.raw),
         rank=rank,
-        world_size=world,
+        world_size=me.world,
         timeout=timedelta(seconds=cfg.cluster.collective_timeout_s),
     )
-    rendezvous_s = time.perf_counter() - t_rdzv
-    milestones["t_rdzv_end"] = time.time()
-    state = TrainState(cfg, rank, world, device)
-    ctx = BackendContext(job, node, rank, local_rank, world, config_hash(cfg), generation=gen)
-    backend: CheckpointBackend = make_backend(ctx)
-    b = cfg.backend
-    cadence = make_cadence(
-        b.cadence, every_n=b.every_n, overhead_bound_pct=b.overhead_bound_pct, mtbf_s=b.mtbf_s
-    )
+    ready = {"rendezvous_s": time.perf_counter() - t_rdzv}
+    ready.update(t_rdzv_start=t_rdzv_start, t_rdzv_end=time.time())
+    return me, ready
 
-    start_step = int(plan.get("start_step", 0))
-    ready: dict[str, Any] = {"rendezvous_s": rendezvous_s, "start_step": start_step}
-    ready.update(milestones)
+
+def restore(me: Rank, state: TrainState, backend: CheckpointBackend) -> dict[str, Any]:
+    """Prepare checkpoint memory and, if the plan says so, load the planned step.
+
+    Returns what the ``ready`` record reports about it (timings, source, bytes).
+    """
+    start_step = int(me.plan.get("start_step", 0))
+    ready: dict[str, Any] = {"start_step": start_step}
     if backend.enabled:
         ready.update(backend.prepare(state))
     if start_step > 0:
-        source = plan["sources"][str(rank)]
+        source = me.plan["sources"][str(me.rank)]
         ready["t_retrieve_start"] = time.time()
         try:
             got = backend.retrieve(start_step, source)
         except Exception as e:
             # The root excludes this source, and only this one, from its next plan.
-            store.set_json(
-                f"restore_failed/{gen}/{rank}",
+            me.store.set_json(
+                f"restore_failed/{me.gen}/{me.rank}",
                 {"step": start_step, "source": source, "error": f"{type(e).__name__}: {e}"},
             )
             raise
@@ -174,92 +200,132 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
             bytes=got.bytes,
         )
         del got  # may alias the checkpoint's memory: state.load copied it out
-    ready["t"] = time.time()
-    store.set(f"progress/{rank}", str(state.step))
-    store.set_json(f"ready/{gen}/{rank}", ready)
+    return ready
+
+
+class CadenceAgreement:
+    """The per-step decision to checkpoint, the same on every rank.
+
+    Ranks must checkpoint the same steps, or no step is complete everywhere:
+    adaptive policies are fed the slowest rank's timings (an all-reduce per
+    step); ``every_n`` needs no agreement. The persistent tier's period in
+    steps is agreed on the same way, once, after three steps.
+    """
+
+    def __init__(self, cfg: GeminiConfig, backend: CheckpointBackend, device: torch.device) -> None:
+        from gemini.checkpoint.cadence import cadence_for
+
+        b = cfg.backend
+        # Built once already by gemini.config.validate before the job started.
+        self.policy = cadence_for(cfg)
+        self.backend, self.device = backend, device
+        self.adaptive = b.cadence != "every_n"
+        self.persist_every_s = b.persist_every_s if hasattr(backend, "persist_interval") else 0.0
+        self.iters: list[float] = []
+
+    def should_checkpoint(self, step: int) -> bool:
+        return self.backend.enabled and self.policy.should_checkpoint(step)
+
+    def observe(self, step: int, compute_s: float, cost: float | None) -> float | None:
+        """Feed the policy this step's timings; returns the (agreed) checkpoint cost."""
+        if self.adaptive:
+            agreed = torch.tensor([compute_s, -1.0 if cost is None else cost], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            compute_s, c = float(agreed[0]), float(agreed[1])
+            cost = None if c < 0 else c
+        self.policy.observe(step, compute_s, cost)
+        self.iters.append(compute_s)
+        if self.persist_every_s > 0 and len(self.iters) == 3:
+            t_iter = torch.tensor([sum(self.iters) / 3], device=self.device)
+            dist.all_reduce(t_iter, op=dist.ReduceOp.MAX)
+            period = max(1, math.ceil(self.persist_every_s / float(t_iter)))
+            self.backend.persist_interval = period  # type: ignore[attr-defined]
+        return cost
+
+
+def _timing_record(timing: SnapshotTiming) -> dict[str, Any]:
+    return {
+        "ckpt_step": timing.step,
+        "ckpt_local_s": timing.local_s,
+        "ckpt_replicate_s": timing.replicate_s,
+        "ckpt_persist_s": timing.persist_s,
+        "ckpt_bytes": timing.bytes,
+    }
+
+
+def train_step(
+    state: TrainState, backend: CheckpointBackend, cadence: CadenceAgreement, step: int
+) -> dict[str, Any]:
+    """One optimizer step, and the checkpoint if the cadence says so; returns its record."""
+    t0 = time.perf_counter()
+    loss = state.forward_backward()
+    stall = 0.0
+    timing: SnapshotTiming | None = None
+    if backend.busy:
+        # The in-flight copy reads the parameters: it must finish before the
+        # optimizer changes them.
+        t_w = time.perf_counter()
+        timing = backend.wait()
+        stall += time.perf_counter() - t_w
+    state.optimizer_step()
+    if cadence.should_checkpoint(step):
+        t_s = time.perf_counter()
+        backend.snapshot(step, state)
+        stall += time.perf_counter() - t_s
+    iter_s = time.perf_counter() - t0
+    # Stall is what this iteration itself waited (wait + snapshot calls); a
+    # snapshot's own stall_s spans two iterations.
+    compute_s = max(0.0, iter_s - stall)
+    cost = None if timing is None else backend.checkpoint_cost(timing)
+    cost = cadence.observe(step, compute_s, cost)
+    samples = state.cfg.train.micro_batch * state.world_size
+    rec: dict[str, Any] = {
+        "step": step,
+        "t": time.time(),
+        "loss": loss,
+        "iter_time_s": iter_s,
+        "throughput_samples_s": samples / iter_s if iter_s > 0 else 0.0,
+        "ckpt_stall_s": stall,
+    }
+    if cost is not None:
+        rec["ckpt_time_s"] = cost
+    if timing is not None:
+        rec.update(_timing_record(timing))
+    return rec
+
+
+def finish(me: Rank, state: TrainState, backend: CheckpointBackend, reporter: Reporter) -> None:
+    """Commit the last snapshot, publish this rank's final digest, wait for everyone."""
+    last = backend.wait()
+    if last is not None:
+        rec = {"step": state.step, "gen": me.gen, "t": time.time(), **_timing_record(last)}
+        reporter.put({**rec, "ckpt_stall_s": last.stall_s, "final_wait": True})
+    me.store.set_json(f"final/{me.gen}/{me.rank}", {"digest": state.digest(), "step": state.step})
+    # Everyone has reported before anyone tears the group down.
+    dist.barrier()
+
+
+def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
+    """Run one rank of one generation to the end of training (or its death)."""
+    from gemini.workload.state import TrainState
+
+    cfg = job.cfg
+    torch.set_num_threads(cfg.cluster.threads_per_rank)
+    me, ready = rendezvous(job, node, rank, local_rank, gen)
+    state = TrainState(cfg, rank, me.world, me.device)
+    ctx = BackendContext(job, node, rank, local_rank, me.world, config_hash(cfg), generation=gen)
+    backend = make_backend(ctx)
+    ready.update(restore(me, state, backend), t=time.time())
+    me.store.set(f"progress/{rank}", str(state.step))
+    me.store.set_json(f"ready/{gen}/{rank}", ready)
     reporter = Reporter(job, rank, gen)
-    replay_until = int(plan.get("replay_until", 0))
-    samples = cfg.train.micro_batch * world
-    adaptive = b.cadence != "every_n"
-    persist_every_s = b.persist_every_s if hasattr(backend, "persist_interval") else 0.0
-    gen_iters: list[float] = []
+    cadence = CadenceAgreement(cfg, backend, me.device)
+    replay_until = int(me.plan.get("replay_until", 0))
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            loss = state.forward_backward()
-            stall = 0.0
-            timing: SnapshotTiming | None = None
-            if backend.busy:
-                # The in-flight copy reads the parameters: it must finish
-                # before the optimizer changes them.
-                t_w = time.perf_counter()
-                timing = backend.wait()
-                stall += time.perf_counter() - t_w
-            state.optimizer_step()
-            if backend.enabled and cadence.should_checkpoint(step):
-                t_s = time.perf_counter()
-                backend.snapshot(step, state)
-                stall += time.perf_counter() - t_s
-            iter_s = time.perf_counter() - t0
-            # Stall is what this iteration itself waited (wait + snapshot
-            # calls); a snapshot's own stall_s spans two iterations.
-            compute_s = max(0.0, iter_s - stall)
-            cost = None if timing is None else backend.checkpoint_cost(timing)
-            if adaptive:
-                # Ranks must checkpoint the same steps, or no step is complete
-                # everywhere: feed every policy the same (slowest) timings.
-                agreed = torch.tensor([compute_s, -1.0 if cost is None else cost], device=device)
-                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-                compute_s, c = float(agreed[0]), float(agreed[1])
-                cost = None if c < 0 else c
-            cadence.observe(step, compute_s, cost)
-            gen_iters.append(compute_s)
-            if persist_every_s > 0 and len(gen_iters) == 3:
-                # The persistent tier's period in steps, agreed on by all ranks.
-                t_iter = torch.tensor([sum(gen_iters) / 3], device=device)
-                dist.all_reduce(t_iter, op=dist.ReduceOp.MAX)
-                backend.persist_interval = max(1, math.ceil(persist_every_s / float(t_iter)))  # type: ignore[attr-defined]
-            rec: dict[str, Any] = {
-                "step": step,
-                "gen": gen,
-                "t": time.time(),
-                "loss": loss,
-                "iter_time_s": iter_s,
-                "throughput_samples_s": samples / iter_s if iter_s > 0 else 0.0,
-                "ckpt_stall_s": stall,
-                "replay": step <= replay_until,
-            }
-            if cost is not None:
-                rec["ckpt_time_s"] = cost
-            if timing is not None:
-                rec.update(
-                    ckpt_step=timing.step,
-                    ckpt_local_s=timing.local_s,
-                    ckpt_replicate_s=timing.replicate_s,
-                    ckpt_persist_s=timing.persist_s,
-                    ckpt_bytes=timing.bytes,
-                )
-            reporter.put(rec)
-        last = backend.wait()
-        if last is not None:
-            reporter.put(
-                {
-                    "step": state.step,
-                    "gen": gen,
-                    "t": time.time(),
-                    "ckpt_step": last.step,
-                    "ckpt_local_s": last.local_s,
-                    "ckpt_replicate_s": last.replicate_s,
-                    "ckpt_persist_s": last.persist_s,
-                    "ckpt_bytes": last.bytes,
-                    "ckpt_stall_s": last.stall_s,
-                    "final_wait": True,
-                }
-            )
-        digest = state.digest()
-        store.set_json(f"final/{gen}/{rank}", {"digest": digest, "step": state.step})
-        # Everyone has reported before anyone tears the group down.
-        dist.barrier()
+            rec = train_step(state, backend, cadence, step)
+            reporter.put({**rec, "gen": gen, "replay": step <= replay_until})
+        finish(me, state, backend, reporter)
     finally:
         reporter.close()
         backend.close()

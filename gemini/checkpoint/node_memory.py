@@ -188,7 +188,7 @@ class MemoryServices(AgentServices):
 
 
 def make_agent_services(job: JobSpec, node: int, store: Store) -> AgentServices:
-    if job.config["backend"]["name"] in ("memory", "replicated"):
+    if job.cfg.backend.name in ("memory", "replicated"):
         return MemoryServices(job, node, store)
     return AgentServices(job, node, store)
 

@@ -1,0 +1,93 @@
+"""Process helpers every part of a job uses: start a module, find a run's
+processes, and signal or reap a whole process tree.
+
+They are plain functions over psutil and subprocess, shared by the local
+cluster, the node launchers and the agents, so that how a process is started
+and stopped is decided in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+
+def spawn_module(
+    module: str,
+    args: list[str],
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+    stdin_pipe: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args`` with output to a log file.
+
+    ``new_session`` puts a node's tree in its own process group so that the
+    injector can kill exactly that node, and a Ctrl-C on the console reaches
+    only the controller, which then tears everything down in order.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it after fork
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=new_session,
+        )
+    finally:
+        log.close()
+
+
+def _signal_tree(pid: int, sig: int, timeout_s: float) -> list[psutil.Process]:
+    """Signal a process and all its descendants; returns those still alive after the wait."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    return list(alive)
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 5.0) -> None:
+    """Signal a process and all its descendants, then reap them."""
+    _signal_tree(pid, sig, timeout_s)
+
+
+def terminate_tree(pid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM a tree, then SIGKILL whatever is left after ``grace_s``."""
+    alive = _signal_tree(pid, signal.SIGTERM, grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def run_processes(run_id: str) -> list[psutil.Process]:
+    """Every live process started for this run, orphans included (found by env)."""
+    me = os.getpid()
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me:
+            continue
+        try:
+            if p.environ().get("GEMINI_RUN_ID") == run_id:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
