@@ -421,7 +421,8 @@ def dry_run(cfg: GeminiConfig) -> None:
                 "(or failure.kind=hardware for several nodes at once)",
             )
     if "kill_during_snapshot" in kinds:
-        _check_kill_during_snapshot(cfg, events, key, value)
+        kills = [e for e in events if e.kind == "kill_during_snapshot"]
+        _check_kill_during_snapshot(cfg, kills, key, value)
 
 
 def _check_kill_during_snapshot(cfg: GeminiConfig, events: list[Any], key: str, value: Any) -> None:

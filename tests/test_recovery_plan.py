@@ -287,6 +287,40 @@ def test_the_plan_is_the_newest_common_step_with_the_best_source_per_rank(
             assert plan.step in memory[src["node"]][r]
 
 
+@st.composite
+def timelines(draw: st.DrawFn) -> tuple[Timeline, list[tuple[int, int]]]:
+    """Generations 1..g with random starts, and random (step, generation) copies."""
+    gens = draw(st.integers(min_value=1, max_value=4))
+    starts = {1: 0, **{g: draw(st.integers(min_value=0, max_value=6)) for g in range(2, gens + 1)}}
+    copies = draw(
+        st.lists(
+            st.tuples(st.integers(min_value=1, max_value=8), st.integers(1, gens)),
+            max_size=6,
+            unique=True,
+        )
+    )
+    return Timeline(starts), copies
+
+
+@settings(max_examples=300, deadline=None)
+@given(timelines(), st.integers(min_value=0, max_value=8))
+def test_the_plan_stays_on_the_timeline_and_below_the_failed_step(
+    drawn: tuple[Timeline, list[tuple[int, int]]], failed_step: int
+) -> None:
+    line, copies = drawn
+    memory = {n: {n: copies} for n in range(2)}
+    plan = plan_recovery(
+        {0: 0, 1: 1}, memory, storage=copies, failed_step=failed_step, timeline=line
+    )
+    assert 0 <= plan.step <= failed_step
+    assert plan.lost_steps == failed_step - plan.step
+    usable = [s for s, g in copies if s <= failed_step and line.valid(s, g)]
+    assert plan.step == max(usable, default=0)
+    for src in plan.sources.values():
+        if plan.step:
+            assert line.valid(plan.step, src["generation"])
+
+
 def test_restart_phases_follow_the_slowest_rank_and_add_up() -> None:
     # Rank 0 restores from local memory and then waits in the warm-up
     # collective for rank 1, which fetches from a peer: that wait is rank 1's
