@@ -256,10 +256,12 @@ class Recovery:
         """Every tier drops what is newer than the plan; returns nodes found dead meanwhile."""
         root = self.root
         t0 = time.time()
-        self.rec["trimmed_storage"] = root.drop_storage_newer_than(plan.step)
+        dropped = root.drop_storage_newer_than(plan.step)
+        self.rec["trimmed_storage"] = sorted({*self.rec.get("trimmed_storage", []), *dropped})
         n = request_trim(self.store, plan.step, root.gen + 1)
         nodes = list(range(root.nodes))
         deadline = time.monotonic() + TRIM_TIMEOUT_S
+        dead: list[int] = []
         while True:
             acks = trim_acks(self.store, n, nodes)
             waiting = [node for node in nodes if node not in acks]
@@ -268,16 +270,21 @@ class Recovery:
             root.refresh_liveness()
             dead = sorted(set(waiting) & set(root.dead_nodes()))
             if dead:
-                return dead
+                break
             if time.monotonic() > deadline:
                 raise RecoveryFailed(
                     f"nodes {waiting} did not drop their checkpoints newer than step "
                     f"{plan.step} within {TRIM_TIMEOUT_S:.0f} s"
                 )
             time.sleep(0.02)
-        self.rec["trimmed"] = {str(node): a for node, a in acks.items() if a}
-        self.rec["trim_s"] = time.time() - t0
-        return []
+        # What every attempt of this recovery dropped, node -> rank -> steps.
+        trimmed = self.rec.setdefault("trimmed", {})
+        for node, per_rank in acks.items():
+            for rank, steps in per_rank.items():
+                mine = trimmed.setdefault(str(node), {}).setdefault(rank, [])
+                mine[:] = sorted({*mine, *steps})
+        self.rec["trim_s"] = self.rec.get("trim_s", 0.0) + time.time() - t0
+        return dead
 
     def relaunch(self, plan: Plan) -> Attempt:
         self.rec["t_launch"] = time.time()

@@ -11,8 +11,9 @@ launcher for a fresh one), asks the surviving agents what checkpoints they
 hold, plans a common step and a source per rank (``gemini.recovery``), has
 every tier drop what the plan abandons, and launches the next generation
 (``gemini.cluster.recovering``, phase by phase); every phase is timed and
-recorded in the store for the controller to log. All of its state lives in the store, so a new root
-elected after this one is lost picks up where it stopped.
+recorded in the store for the controller to log. All of its state lives in
+the store, so a new root elected after this one is lost picks up where it
+stopped.
 """
 
 from __future__ import annotations
