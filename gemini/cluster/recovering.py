@@ -261,15 +261,14 @@ class Recovery:
         n = request_trim(self.store, plan.step, root.gen + 1)
         nodes = list(range(root.nodes))
         deadline = time.monotonic() + TRIM_TIMEOUT_S
-        dead: list[int] = []
         while True:
             acks = trim_acks(self.store, n, nodes)
-            waiting = [node for node in nodes if node not in acks]
-            if not waiting:
-                break
             root.refresh_liveness()
-            dead = sorted(set(waiting) & set(root.dead_nodes()))
-            if dead:
+            # A node that died meanwhile answers nothing (its replacement starts
+            # empty); every live one must have dropped its copies before a launch.
+            dead = sorted((set(nodes) - set(acks)) & set(root.dead_nodes()))
+            waiting = [node for node in nodes if node not in acks and node not in dead]
+            if not waiting:
                 break
             if time.monotonic() > deadline:
                 raise RecoveryFailed(
