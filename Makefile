@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest --durations=15
 
-.PHONY: venv run test test-slow test-all lint bench clean
+.PHONY: venv run test test-slow test-all lint bench soak clean
 
 venv: $(STAMP)
 
@@ -44,11 +44,19 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gemini
 
+# Every benchmark but the soak (a correctness run, not a measurement).
 bench: venv
 	@set -e; for f in benchmarks/*.py; do \
+		[ "$$f" = benchmarks/soak.py ] && continue; \
 		echo "== $$f"; \
 		$(BIN)/python $$f; \
 	done
+
+# Drawn failure schedules, each checked for exactness and leftovers
+# (`make soak SOAK_ARGS="--runs 5"` for a short one).
+SOAK_ARGS ?= --runs 100 --seed 1
+soak: venv
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 # Build outputs and tool caches; the venv and outputs/ (runs, MLflow store)
 # stay: `rm -rf .venv` for a full reinstall.

@@ -31,7 +31,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from gemini.checkpoint.placement import recovery_probability
-from gemini.timeline import PHASES
+from gemini.recovery import PHASES
 
 SUMMARY_PREFIX = "run/"
 """Per-job metrics are logged as ``run/<name>`` (gemini.tracking.record_job)."""

@@ -54,6 +54,8 @@ Run from the repository root (``python benchmarks/recovery.py`` works too)::
 
     .venv/bin/python -m benchmarks.recovery            # full: gpt_small, 40 steps, fail at 30
     .venv/bin/python -m benchmarks.recovery --quick    # gpt_tiny, 16 steps, fail at 12
+    .venv/bin/python -m benchmarks.recovery --save r.json   # keep every job's summary
+    .venv/bin/python -m benchmarks.recovery --from r.json --markdown   # the README's tables
 
 Compare numbers only within one run of this script: the machine is shared.
 """
@@ -61,6 +63,7 @@ Compare numbers only within one run of this script: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -74,7 +77,7 @@ try:
     from benchmarks.checkpoint import compose, machine, markdown, run_job
 except ModuleNotFoundError:  # run as a script, as `make bench` does: siblings are top level
     from checkpoint import compose, machine, markdown, run_job  # type: ignore[no-redef]
-from gemini.timeline import PHASES
+from gemini.recovery import PHASES
 
 PAPER_SHARED_GBPS = 20.0
 PAPER_NODES = 16
@@ -219,24 +222,49 @@ def cost_model(summary: dict[str, Any], rec: dict[str, Any]) -> dict[str, float]
     }
 
 
-def report(
-    pair: dict[str, dict[str, Any]], setting: str
-) -> tuple[dict[str, float], list[list[str]], list[list[str]]]:
-    """Print one pair; return the three disk/replicated ratios and the table rows."""
-    rows: list[list[str]] = []
-    model_rows: list[list[str]] = []
-    got: dict[str, dict[str, float]] = {}
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf")
+
+
+def analyse(pair: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per backend of one pair: the recovery and the quantities the tables show."""
+    out: dict[str, dict[str, Any]] = {}
     for name, summary in pair.items():
         rec = recovery_of(summary, name)
         sh = shares(rec)
-        dom = max(sh, key=lambda p: sh[p])
         stall = _num(rec, "ckpt_stall_since_last_s")
-        ckpt_wasted = _num(rec, "retrieve_s") + _num(rec, "load_s") + _num(rec, "replay_s") + stall
-        cm = cost_model(summary, rec)
-        got[name] = {"wasted": float(rec["wasted_s"]), "ckpt": ckpt_wasted, **cm}
+        ckpt = _num(rec, "retrieve_s") + _num(rec, "load_s") + _num(rec, "replay_s") + stall
+        out[name] = {
+            "summary": summary,
+            "rec": rec,
+            "shares": sh,
+            "dominant": max(sh, key=lambda p: sh[p]),
+            "stall": stall,
+            "wasted": float(rec["wasted_s"]),
+            "alloc": _num(rec, "alloc_s"),
+            "ckpt": ckpt,
+            "ckpt_alloc": ckpt + _num(rec, "alloc_s"),
+            **cost_model(summary, rec),
+        }
+    d, r = out["disk"], out["replicated"]
+    out["ratios"] = {
+        "wasted": _ratio(d["wasted"], r["wasted"]),
+        "ckpt": _ratio(d["ckpt"], r["ckpt"]),
+        "ckpt_alloc": _ratio(d["ckpt_alloc"], r["ckpt_alloc"]),
+        "model": _ratio(d["T_wasted"], r["T_wasted"]),
+    }
+    return out
+
+
+def report(pair: dict[str, dict[str, Any]]) -> None:
+    """Print one pair's recoveries phase by phase."""
+    got = analyse(pair)
+    for name in pair:
+        g = got[name]
+        summary, rec, sh, dom = g["summary"], g["rec"], g["shares"], g["dominant"]
         print(
             f"  {name:<10} wasted {rec['wasted_s']:7.2f} s = recovery {rec['recovery_s']:.2f} s "
-            f"+ checkpoint stalls {stall:.2f} s; {summary['checkpoints']} checkpoints in "
+            f"+ checkpoint stalls {g['stall']:.2f} s; {summary['checkpoints']} checkpoints in "
             f"{summary['steps']} steps; failed at step {rec.get('failed_step')}, restored "
             f"{rec.get('restored_step')} (lost {rec.get('lost_steps')}); sources "
             f"{rec.get('source_counts')}"
@@ -256,50 +284,99 @@ def report(
         )
         print(
             f"             checkpoint-dependent: retrieve + load + replay + stalls = "
-            f"{ckpt_wasted:.2f} s"
+            f"{g['ckpt']:.2f} s; with the slot allocation (alloc) {g['ckpt_alloc']:.2f} s"
         )
         print(
-            f"             cost model: t_ckpt {cm['t_ckpt']:.2f} s + 1/(2f) "
-            f"{cm['interval'] / 2:.2f} s + t_rtvl {cm['t_rtvl']:.2f} s = T_wasted "
-            f"{cm['T_wasted']:.2f} s (T_iter {cm['t_iter']:.2f} s, t_ckpt/T_iter "
-            f"{cm['t_ckpt'] / cm['t_iter'] if cm['t_iter'] else 0:.1f})"
+            f"             cost model: t_ckpt {g['t_ckpt']:.2f} s + 1/(2f) "
+            f"{g['interval'] / 2:.2f} s + t_rtvl {g['t_rtvl']:.2f} s = T_wasted "
+            f"{g['T_wasted']:.2f} s (T_iter {g['t_iter']:.2f} s, t_ckpt/T_iter "
+            f"{g['t_ckpt'] / g['t_iter'] if g['t_iter'] else 0:.1f})"
         )
-        rows.append(
-            [
-                setting,
-                name,
-                str(summary["checkpoints"]),
-                f"{rec['wasted_s']:.1f}",
-                f"{rec['recovery_s']:.1f}",
-                f"{stall:.2f}",
-                str(rec.get("lost_steps")),
-                *(f"{sh[p] * 100:.0f}" for p in PHASES),
-                f"{dom[:-2]}",
-                f"{ckpt_wasted:.1f}",
-            ]
-        )
-        model_rows.append(
-            [
-                setting,
-                name,
-                f"{cm['t_iter']:.2f}",
-                f"{cm['t_ckpt']:.2f}",
-                f"{cm['interval']:.2f}",
-                f"{cm['t_rtvl']:.2f}",
-                f"{cm['T_wasted']:.2f}",
-            ]
-        )
-    d, r = got["disk"], got["replicated"]
-    ratios = {
-        "wasted": d["wasted"] / r["wasted"],
-        "ckpt": d["ckpt"] / r["ckpt"] if r["ckpt"] > 0 else float("inf"),
-        "model": d["T_wasted"] / r["T_wasted"] if r["T_wasted"] > 0 else float("inf"),
-    }
+    rt = got["ratios"]
     print(
-        f"  disk / replicated: wasted_s {ratios['wasted']:.2f}x, checkpoint-dependent "
-        f"{ratios['ckpt']:.2f}x, cost-model T_wasted {ratios['model']:.2f}x (paper: >= 13x)"
+        f"  disk / replicated: wasted_s {rt['wasted']:.2f}x, checkpoint-dependent "
+        f"{rt['ckpt']:.2f}x ({rt['ckpt_alloc']:.2f}x with alloc), cost-model T_wasted "
+        f"{rt['model']:.2f}x (paper: >= 13x)"
     )
-    return ratios, rows, model_rows
+
+
+def readme_tables(results: dict[str, Any]) -> str:
+    """The README's section: the two tables, from a saved or fresh set of results."""
+    rows: list[list[str]] = []
+    ratio_rows: list[list[str]] = []
+    for setting in results["settings"]:
+        got = analyse(setting["pair"])
+        label = setting["label"]
+        for name in ("replicated", "disk"):
+            g = got[name]
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{g['wasted']:.1f} s",
+                    f"{g['alloc']:.2f} s",
+                    f"{g['ckpt']:.2f} s",
+                    f"{g['ckpt_alloc']:.2f} s",
+                    f"{g['T_wasted']:.2f} s",
+                    str(g["rec"].get("lost_steps")),
+                    f"{g['dominant'][:-2]} {g['shares'][g['dominant']] * 100:.0f} %",
+                ]
+            )
+        rt = got["ratios"]
+        ratio_rows.append(
+            [label, *(f"{rt[k]:.2f}x" for k in ("wasted", "ckpt", "ckpt_alloc", "model"))]
+        )
+    first = markdown(
+        [
+            "storage",
+            "backend",
+            "wasted_s",
+            "alloc_s",
+            "checkpoint-dependent part",
+            "… with alloc",
+            "cost model T_wasted",
+            "lost steps",
+            "dominant phase",
+        ],
+        rows,
+    )
+    second = markdown(
+        [
+            "disk / replicated",
+            "wasted_s",
+            "checkpoint-dependent part",
+            "… with alloc",
+            'cost model (the paper\'s ">13×" quantity)',
+        ],
+        ratio_rows,
+    )
+    return (
+        f"Measured {results['measured']} on {results['machine']}; {results['workload']}.\n\n"
+        f"{first}\n\n{second}"
+    )
+
+
+def full_report(results: dict[str, Any]) -> None:
+    """Everything the benchmark prints after measuring (also from ``--from``)."""
+    print(results["probe_line"])
+    for setting in results["settings"]:
+        print(f"{setting['label']}:")
+        report(setting["pair"])
+    print(f"\n### Recovery from one hardware failure ({results['mode']} mode)\n")
+    print(
+        "replicated = every iteration, m=2; disk = HighFreq cadence, background persist. "
+        "Checkpoint-dependent part = retrieve + load + replay + stalls; alloc_s = setting up "
+        "the slots of the new generation (a memory backend's own restart cost). Emulated "
+        "settings cap the disk backend's bandwidth per node.\n"
+    )
+    print(readme_tables(results))
+    print("\n(the paper, 16 nodes and a real shared store: disk / replicated >= 13x in T_wasted)")
+    if results["mode"] == "quick":
+        print(
+            "quick mode only checks that the benchmark runs: a gpt_tiny checkpoint is a few "
+            "MiB, so both backends recover alike and these ratios are noise (mostly the "
+            "restart phase). Quote the full mode."
+        )
 
 
 def probe(base: Path, common: list[str], model: str) -> tuple[float, int]:
@@ -346,14 +423,39 @@ def main(argv: list[str] | None = None) -> None:
         "--probe-model", default="gpt_small", help="state of the torch.save vs RAM-copy probe"
     )
     ap.add_argument("--dir", default=None, help="scratch dir (its disk is the 'local disk')")
+    ap.add_argument("--save", metavar="JSON", help="also write the measurements to this file")
+    ap.add_argument(
+        "--from",
+        dest="from_json",
+        metavar="JSON",
+        help="measure nothing: print the tables of a file written by --save",
+    )
+    ap.add_argument(
+        "--markdown", action="store_true", help="print only the README's tables (with --from too)"
+    )
     a = ap.parse_args(argv)
+    if a.from_json:
+        results = json.loads(Path(a.from_json).read_text())
+    else:
+        results = measure(a)
+        if a.save:
+            Path(a.save).write_text(json.dumps(results, indent=1, default=str) + "\n")
+            print(f"measurements saved to {a.save} (reprint with --from {a.save})")
+    if a.markdown:
+        print(readme_tables(results))
+    else:
+        full_report(results)
+
+
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    """Run the jobs; returns every summary, so the tables can be printed again later."""
     q = a.quick
     model = a.model or ("gpt_tiny" if q else "gpt_small")
     steps = a.steps or (16 if q else 40)
     at_step = a.at_step or (12 if q else 30)
     cap = a.cap_gbps
-    header = f"machine: {machine()}; mode: {'quick' if q else 'full'}"
-    print(header)
+    mach = machine()
+    print(f"machine: {mach}; mode: {'quick' if q else 'full'}")
     workload = (
         f"{model}, micro_batch {a.micro_batch} x seq_len {a.seq_len}, 4 nodes x 1 rank, "
         f"hardware failure of node {a.node} at step {at_step} of {steps}"
@@ -369,12 +471,20 @@ def main(argv: list[str] | None = None) -> None:
         f"failure.at_step={at_step}",
         f"failure.node={a.node}",
     ]
-    ratios: dict[str, dict[str, float]] = {}
-    rows: list[list[str]] = []
-    model_rows: list[list[str]] = []
+    results: dict[str, Any] = {
+        "measured": time.strftime("%Y-%m-%d"),
+        "machine": mach,
+        "mode": "quick" if q else "full",
+        "workload": workload,
+        "settings": [],
+    }
     with tempfile.TemporaryDirectory(prefix="gemini-recovery-bench-", dir=a.dir) as tmp:
         base = Path(tmp)
         vs_clone, vs_copy = save_vs_copy(a.probe_model, 5, base)
+        results["probe_line"] = (
+            f"Here torch.save+fsync costs {vs_clone:.1f}x a clone and {vs_copy:.1f}x a copy "
+            "into preallocated RAM."
+        )
         settings: list[tuple[str, str, float]] = []
         if "a" in a.settings:
             settings.append(("a", "(a) local disk", 0.0))
@@ -403,53 +513,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         for key, label, gbps in settings:
             pair = one_pair(base, common, gbps, label)
-            ratios[key], r, m = report(pair, label.split(",")[0])
-            rows += r
-            model_rows += m
-    mode = "quick" if q else "full"
-    print(f"\n### Recovery from one hardware failure ({mode} mode)\n")
-    print(
-        f"Measured on {header.removeprefix('machine: ')}; {workload}. replicated = every "
-        "iteration, m=2; disk = HighFreq cadence, background persist. Phase columns are % of "
-        "recovery_s; ckpt_wasted = retrieve + load + replay + stalls. Emulated settings cap "
-        f"the disk backend's bandwidth per node. Here torch.save+fsync costs {vs_clone:.1f}x "
-        f"a clone and {vs_copy:.1f}x a copy into preallocated RAM.\n"
-    )
-    print(
-        markdown(
-            [
-                "setting",
-                "backend",
-                "ckpts",
-                "wasted_s",
-                "recovery_s",
-                "stall_s",
-                "lost steps",
-                *(p[:-2] + " %" for p in PHASES),
-                "dominant",
-                "ckpt_wasted_s",
-            ],
-            rows,
-        )
-    )
-    print("\nThe paper's cost model from the same jobs (seconds):\n")
-    print(
-        markdown(
-            ["setting", "backend", "T_iter", "t_ckpt", "1/f", "t_rtvl", "T_wasted"], model_rows
-        )
-    )
-    print("\ndisk / replicated (paper, 16 nodes and a real shared store: >= 13x in T_wasted):")
-    for key, rt in ratios.items():
-        print(
-            f"  ({key}) wasted_s {rt['wasted']:.2f}x, checkpoint-dependent {rt['ckpt']:.2f}x, "
-            f"cost-model T_wasted {rt['model']:.2f}x"
-        )
-    if q:
-        print(
-            "quick mode only checks that the benchmark runs: a gpt_tiny checkpoint is a few "
-            "MiB, so both backends recover alike and these ratios are noise (mostly the "
-            "restart phase). Quote the full mode."
-        )
+            results["settings"].append({"key": key, "label": label, "gbps": gbps, "pair": pair})
+    return results
 
 
 if __name__ == "__main__":

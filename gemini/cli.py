@@ -63,7 +63,7 @@ def check_overrides(args: list[str]) -> None:
                 fail(f"{key}={v}: unknown option; choose one of {', '.join(known)}")
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, overrides: list[str] | None = None) -> str:
     """The key, the value and the reason of a composition error, on one line."""
     from omegaconf.errors import OmegaConfBaseException
 
@@ -74,13 +74,25 @@ def _one_line(e: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
             msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
-            key = override.group(1) if override else seen.full_key
+            key = override.group(1) if override else str(seen.full_key)
+            given = _given(key, overrides or [])
             if "not in struct" in msg or ("Key '" in msg and "not" in msg):
-                return f"{key}: no such setting; check the spelling (`gemini --cfg job` lists them)"
-            return f"{key}: {msg}; fix the value"
+                return (
+                    f"{given}: no such setting; check the spelling (`gemini --cfg job` lists them)"
+                )
+            return f"{given}: {msg}; fix the value"
         seen = seen.__cause__ or seen.__context__
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+def _given(key: str, overrides: list[str]) -> str:
+    """``key=value`` as the user wrote it (the override that names ``key``), else ``key``."""
+    for text in overrides:
+        name, _, value = text.partition("=")
+        if name.lstrip("+~") == key or name.lstrip("+~").startswith(key + "."):
+            return f"{name.lstrip('+~')}={value}"
+    return key
 
 
 def _variants(args: list[str]) -> list[list[str]]:
@@ -134,7 +146,7 @@ def check_composition(args: list[str]) -> None:
         except ConfigError as e:
             fail(str(e))
         except Exception as e:  # composition errors: unknown keys, wrong types
-            fail(_one_line(e))
+            fail(_one_line(e, overrides))
         finally:
             GlobalHydra.instance().clear()
         outputs.append(typed.paths.outputs)

@@ -13,6 +13,7 @@ the job directory, the store or any process exists.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import tempfile
@@ -295,6 +296,14 @@ def check_values(cfg: GeminiConfig) -> None:
     """Refuse values a type cannot: ranges, choices, cross-group consistency."""
     m, c, t, b = cfg.model, cfg.cluster, cfg.train, cfg.backend
     _choice("model.kind", m.kind, ("mlp", "gpt"))
+    # A zero width or depth builds no model: the trainers would fail after rendezvous.
+    sizes = (
+        ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+        if m.kind == "gpt"
+        else ("input_dim", "hidden_dim", "depth", "output_dim")
+    )
+    for name in sizes:
+        _at_least(f"model.{name}", getattr(m, name), 1, "must be >= 1")
     if m.kind == "gpt":
         if m.n_embd % m.n_head:
             raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
@@ -319,13 +328,20 @@ def check_values(cfg: GeminiConfig) -> None:
     _at_least("train.seq_len", t.seq_len, 1, "must be >= 1")
     _choice("train.parallel", t.parallel, PARALLELS)
     _choice("train.optimizer_impl", t.optimizer_impl, OPTIMIZER_IMPLS)
-    if t.lr <= 0:
-        raise ConfigError("train.lr", t.lr, "must be > 0")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError("train.lr", t.lr, "must be a finite number > 0, e.g. 1e-3")
+    _at_least("train.warmup_steps", t.warmup_steps, 0, "must be >= 0 (0 = no warm-up)")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise ConfigError("train.weight_decay", t.weight_decay, "must be a finite number >= 0")
     _choice("backend.name", b.name, BACKENDS)
     _at_least("backend.every_n", b.every_n, 1, "must be >= 1")
     _at_least("backend.keep_last", b.keep_last, 1, "must keep at least 1 checkpoint")
     _at_least("backend.chunk_mb", b.chunk_mb, 1, "must be >= 1 MiB")
     _choice("backend.persist", b.persist, ("blocking", "background"))
+    if not (math.isfinite(b.persist_every_s) and b.persist_every_s >= 0):
+        raise ConfigError(
+            "backend.persist_every_s", b.persist_every_s, "must be >= 0 seconds (0 = never)"
+        )
     if b.bandwidth_gbps < 0:
         raise ConfigError("backend.bandwidth_gbps", b.bandwidth_gbps, "must be >= 0 (0 = no cap)")
     f = cfg.failure
@@ -478,8 +494,9 @@ def check_host(cfg: GeminiConfig) -> None:
             f"cannot bind it here ({reason}): use an address of this machine, e.g. 127.0.0.1",
         ) from e
     check_writable_path("paths.outputs", Path(cfg.paths.outputs))
-    storage = b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0)
-    if storage and b.path:
+    from gemini.checkpoint.disk import uses_storage
+
+    if uses_storage(cfg) and b.path:
         check_writable_path("backend.path", Path(b.path))
     if b.name in ("memory", "replicated"):
         from gemini.checkpoint.memory import check_shm_budget

@@ -1,4 +1,4 @@
-"""``run(cfg)``: one job, end to end — the controller of the process shape in DESIGN.md §2.
+"""``run(cfg)``: one job, end to end — the controller (docs/design.md §1).
 
 The calling process is the controller: it hosts the KV store, starts the
 root agent and the node launchers, fires the failure schedule, shows
@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gemini.cluster import keys
 from gemini.config import ConfigError, GeminiConfig, to_schema, validate
 from gemini.recovery import PHASES, RECOVERY_METRICS
 from gemini.tracking import tracking_uri, ui_command
@@ -94,14 +95,15 @@ class Controller:
 
         cfg = self.cfg
         preflight(cfg, self.job_dir)
-        store = Store(cfg.cluster.host, 0, timeout_s=60.0, master=True)
         job = JobSpec(
             run_id=self.run_id,
             job_dir=str(self.job_dir),
-            store=store.address,
+            store="",
             secret_file=str(new_secret_file(self.job_dir)),
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
         )
+        store = Store(cfg.cluster.host, 0, job.secret(), timeout_s=60.0, master=True)
+        job.store = store.address
         job.save()
         (self.job_dir / "config.resolved.yaml").write_text(
             OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -181,8 +183,8 @@ class Controller:
             while True:
                 cluster.service()
                 injector.tick()
-                if store.exists("root/result"):
-                    res = store.get_json("root/result")
+                res = store.get_json_or(keys.ROOT_RESULT)
+                if res is not None:
                     self.reason = res.get("reason", "")
                     return str(res["status"])
                 if bar is not None:
@@ -190,7 +192,7 @@ class Controller:
                     if step != last:
                         bar.update(step - last)
                         last = step
-                hb = store.counter("hb/root")
+                hb = store.counter(keys.HB_ROOT)
                 now = time.monotonic()
                 if hb != root_hb:
                     root_hb, root_seen = hb, now
@@ -209,19 +211,17 @@ class Controller:
 
 
 def progress(store: Any, world: int) -> int:
-    steps = [
-        int(store.raw.get(f"progress/{r}")) for r in range(world) if store.exists(f"progress/{r}")
-    ]
-    return min(steps) if len(steps) == world else 0
+    steps = [store.get_int(keys.progress(r), -1) for r in range(world)]
+    return min(steps) if steps and min(steps) >= 0 else 0
 
 
 def collect(store: Any, world: int) -> dict[str, Any]:
     """Everything the ranks and the root reported through the store."""
-    per_rank = {r: store.read_lines(f"metrics/{r}") for r in range(world)}
-    gen = store.counter("ctl/gen")
-    finals = {r: store.get_json_or(f"final/{gen}/{r}") for r in range(world)}
-    readies = {r: store.get_json_or(f"ready/{gen}/{r}") for r in range(world)}
-    recoveries = [rec for _, rec in store.items("recovery")]
+    per_rank = {r: store.read_lines(keys.metrics(r)) for r in range(world)}
+    gen = int(store.get_json_or(keys.GEN, 0))
+    finals = {r: store.get_json_or(keys.final(gen, r)) for r in range(world)}
+    readies = {r: store.get_json_or(keys.ready(gen, r)) for r in range(world)}
+    recoveries = [rec for _, rec in store.items(keys.RECOVERY)]
     # A step replayed after a recovery is reported again: the last report of
     # each step is the timeline that produced the final state.
     by_step: dict[int, list[dict[str, Any]]] = {}
@@ -262,7 +262,7 @@ def collect(store: Any, world: int) -> dict[str, Any]:
         "recoveries": recoveries,
         "gen": gen,
         "final_waits": finals_tail,
-        "root": store.get_json_or("root/result", {}),
+        "root": store.get_json_or(keys.ROOT_RESULT, {}),
     }
 
 

@@ -21,6 +21,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from gemini.cluster import keys
 from gemini.schedules import FailureEvent, build_schedule
 
 if TYPE_CHECKING:
@@ -91,13 +92,13 @@ class Injector:
         generation on, for a follow-up)."""
         rank = ev.nodes[0] * self.job.cfg.cluster.ranks_per_node + ev.rank_in_node
         self.store.set_json(
-            f"inject/arm/{rank}",
+            keys.inject_arm(rank),
             {"id": idx, "step": ev.at_step, "after_gen": after_gen, **ev.to_dict()},
         )
 
     def fired_in(self, idx: int) -> int | None:
         """The generation in which event ``idx`` fired (None: not yet)."""
-        for _, rec in self.store.items("inject"):
+        for _, rec in self.store.items(keys.INJECT):
             if rec.get("id") == idx:
                 return int(rec.get("gen", 0))
         return None
@@ -112,22 +113,17 @@ class Injector:
             self.pending.remove((idx, ev))
             self.arm(idx, ev, after_gen=fired)
             return False
-        gen = self.store.counter("ctl/gen")
+        gen = int(self.store.get_json_or(keys.GEN, 0))
         world = self.job.world_size
-        if gen <= fired or not all(self.store.exists(f"ready/{gen}/{r}") for r in range(world)):
+        if gen <= fired or not all(self.store.exists(keys.ready(gen, r)) for r in range(world)):
             return False
-        start = int(self.store.get_json(f"ctl/plan/{gen}").get("start_step", 0))
+        start = int(self.store.get_json(keys.plan(gen)).get("start_step", 0))
         assert ev.at_step is not None
         return self.progress() >= start + ev.at_step
 
     def progress(self) -> int:
         world = self.job.world_size
-        vals = [
-            int(self.store.raw.get(f"progress/{r}"))
-            for r in range(world)
-            if self.store.exists(f"progress/{r}")
-        ]
-        return max(vals, default=0)
+        return max((self.store.get_int(keys.progress(r)) for r in range(world)), default=0)
 
     def tick(self) -> None:
         if not self.pending:
@@ -154,16 +150,16 @@ class Injector:
             **ev.to_dict(),
             "t": time.time(),
             "step": step,
-            "gen": self.store.counter("ctl/gen"),
+            "gen": int(self.store.get_json_or(keys.GEN, 0)),
             "what": ev.describe(),
         }
         rpn = self.job.cfg.cluster.ranks_per_node
         if ev.kind == "software":
             # Every node of the event loses its rank: a correlated or
             # two-in-group software failure kills them all at once.
-            gen = self.store.counter("ctl/gen")
+            gen = int(self.store.get_json_or(keys.GEN, 0))
             infos = [
-                self.store.get_json_or(f"trainer/{gen}/{n * rpn + ev.rank_in_node}")
+                self.store.get_json_or(keys.trainer(gen, n * rpn + ev.rank_in_node))
                 for n in ev.nodes
             ]
             if any(info is None for info in infos):
@@ -171,19 +167,19 @@ class Injector:
                 # the event must hit the next generation, not vanish.
                 return False
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             for info in infos:
                 assert info is not None
                 _kill(int(info["pid"]))
         elif ev.kind == "hardware":
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             for n in ev.nodes:
                 self.cluster.kill_node(n)
         elif ev.kind == "root_loss":
-            info = self.store.get_json_or("root/pid")
+            info = self.store.get_json_or(keys.ROOT_PID)
             record["t"] = time.time()
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
             if info is not None:
                 _kill(int(info["pid"]))
         elif ev.kind == "corruption":
@@ -195,7 +191,7 @@ class Injector:
             for n in ev.nodes:
                 self.cluster.kill_node(n)
             record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
-            self.store.push("inject", record)
+            self.store.push(keys.INJECT, record)
         self.fired.append(record)
         return True
 

@@ -20,8 +20,88 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gemini.config import REPO_ROOT, GeminiConfig, flatten
+from gemini.recovery import RECOVERY_METRICS
 
 PARENT_FILE = "mlflow_parent_run_id"
+
+STEP_METRICS = (
+    "iter_time_s",
+    "throughput_samples_s",
+    "loss",
+    "ckpt_stall_s",
+    "ckpt_time_s",
+    "ckpt_local_s",
+    "ckpt_replicate_s",
+    "ckpt_persist_s",
+    "ckpt_bytes",
+)
+"""Per-step metrics (MLflow step = training step), as ``experiment.collect`` aggregates them."""
+RECOVERY_LOGGED = (
+    *RECOVERY_METRICS,
+    "failed_step",
+    "restored_step",
+    "replace_s",
+    "ckpt_prepare_s",
+    "retrieve_bytes",
+    "ckpt_stall_since_last_s",
+)
+"""Per-recovery metrics, logged as ``recovery/<name>`` (MLflow step = the recovery's index).
+Wall-clock instants (``t_inject``, ``t_ready``, ...) stay in ``summary.json``."""
+RUN_METRICS = (
+    "steps",
+    "wall_s",
+    "iter_time_s",
+    "throughput_samples_s",
+    "final_loss",
+    "world_size",
+    "nodes",
+    "ckpt_stall_s",
+    "ckpt_local_s",
+    "ckpt_replicate_s",
+    "ckpt_persist_s",
+    "ckpt_time_s",
+    "ckpt_bytes",
+    "checkpoints",
+    "checkpoints_per_hour",
+    "generations",
+    *(f"mean_{k}" for k in RECOVERY_METRICS),
+)
+"""Run-level metrics, logged as ``run/<name>`` from ``summary.json``."""
+
+
+def metric_names() -> list[str]:
+    """Every MLflow metric name a job can log (docs/design.md lists each one)."""
+    return [
+        *STEP_METRICS,
+        *(f"recovery/{k}" for k in RECOVERY_LOGGED),
+        *(f"run/{k}" for k in RUN_METRICS),
+    ]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metric_rows(
+    step_metrics: list[dict[str, Any]],
+    recoveries: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> list[tuple[str, float, int, int]]:
+    """(name, value, timestamp ms, step) of every metric a job logs: the declared names only."""
+    rows: list[tuple[str, float, int, int]] = []
+    for rec in step_metrics:
+        ts = int(rec.get("t", 0) * 1000)
+        for k in STEP_METRICS:
+            if _number(rec.get(k)):
+                rows.append((k, float(rec[k]), ts, int(rec["step"])))
+    for i, rec in enumerate(recoveries):
+        for k in RECOVERY_LOGGED:
+            if _number(rec.get(k)):
+                rows.append((f"recovery/{k}", float(rec[k]), 0, i))
+    for k in RUN_METRICS:
+        if _number(summary.get(k)):
+            rows.append((f"run/{k}", float(summary[k]), 0, 0))
+    return rows
 
 
 def tracking_uri(cfg: GeminiConfig) -> str:
@@ -178,20 +258,7 @@ def record_job(
     plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(plist), 100):
         client.log_batch(rid, params=plist[i : i + 100])
-    metrics: list[Any] = []
-    for rec in step_metrics:
-        ts = int(rec.get("t", 0) * 1000)
-        for k, v in rec.items():
-            if k in ("step", "t") or not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
-            metrics.append(Metric(k, float(v), ts, int(rec["step"])))
-    for i, rec in enumerate(recoveries):
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                metrics.append(Metric(f"recovery/{k}", float(v), 0, i))
-    for k, v in summary.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            metrics.append(Metric(f"run/{k}", float(v), 0, 0))
+    metrics = [Metric(*row) for row in metric_rows(step_metrics, recoveries, summary)]
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
     run_tags = [RunTag("outcome", str(summary.get("outcome", "")))]

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from gemini.cluster import keys
 from gemini.cluster.processes import run_processes
 from gemini.cluster.store import Store
 
@@ -56,14 +57,15 @@ def wait_for_job(outputs: Path, proc: subprocess.Popen[bytes], timeout_s: float)
 
 def wait_for_training(job: dict[str, Any], min_step: int, timeout_s: float) -> int:
     """Poll the job's KV store until every rank has finished ``min_step`` steps."""
-    store = Store.from_address(job["store"], timeout_s=10.0)
+    secret = bytes.fromhex(Path(job["secret_file"]).read_text())
+    store = Store.from_address(job["store"], secret, timeout_s=10.0)
     world = int(job["config"]["cluster"]["nodes"]) * int(job["config"]["cluster"]["ranks_per_node"])
     deadline = time.monotonic() + timeout_s
     step = 0
     while time.monotonic() < deadline:
-        keys = [f"progress/{r}" for r in range(world)]
-        if all(store.exists(k) for k in keys):
-            step = min(int(store.raw.get(k)) for k in keys)
+        steps = [store.get_int(keys.progress(r), -1) for r in range(world)]
+        if min(steps) >= 0:
+            step = min(steps)
             if step >= min_step:
                 return step
         time.sleep(0.2)

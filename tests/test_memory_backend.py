@@ -33,6 +33,7 @@ from gemini.checkpoint.backend import BackendContext, CheckpointBackend, make_ba
 from gemini.checkpoint.memory import check_shm_budget, estimate_rank_bytes
 from gemini.checkpoint.node_memory import corrupt_replica
 from gemini.checkpoint.slot import list_segments, shm_available_bytes, unlink_prefix
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec, new_secret_file
 from gemini.cluster.processes import kill_tree, run_processes, spawn_module
 from gemini.cluster.recovering import request_trim, trim_acks
@@ -80,17 +81,18 @@ class Nodes:
     """The node side of a job without a root: a KV store and one worker agent per node."""
 
     def __init__(self, tmp_path: Path, backend: dict[str, Any], nodes: int) -> None:
-        self.store = Store("127.0.0.1", 0, timeout_s=30.0, master=True)
         self.run_id = f"t{uuid.uuid4().hex[:9]}"
         job_dir = tmp_path / "job"
         (job_dir / "logs").mkdir(parents=True)
         self.job = JobSpec(
             run_id=self.run_id,
             job_dir=str(job_dir),
-            store=self.store.address,
+            store="",
             secret_file=str(new_secret_file(job_dir)),
             config=config_dict(tmp_path, backend, nodes),
         )
+        self.store = Store("127.0.0.1", 0, self.job.secret(), timeout_s=30.0, master=True)
+        self.job.store = self.store.address
         self.job_path = self.job.save()
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
         for n in range(nodes):
@@ -109,7 +111,7 @@ class Nodes:
 
     def wait_agent(self, node: int, incarnation: int) -> None:
         deadline = time.monotonic() + AGENT_START_S
-        while self.store.get_json_or(f"agent/node{node}", {}).get("incarnation", 0) < incarnation:
+        while self.store.get_json_or(keys.agent(node), {}).get("incarnation", 0) < incarnation:
             assert self.agents[node].poll() is None, self.agent_log(node)
             assert time.monotonic() < deadline, f"agent {node} did not register"
             time.sleep(0.05)
@@ -124,7 +126,7 @@ class Nodes:
         unlink_prefix(f"gemini-{self.run_id}-n{node}-")
 
     def replace_node(self, node: int) -> None:
-        before = self.store.get_json(f"agent/node{node}")["incarnation"]
+        before = self.store.get_json(keys.agent(node))["incarnation"]
         self.start_agent(node)
         self.wait_agent(node, incarnation=before + 1)
 
@@ -152,18 +154,18 @@ class Nodes:
 
     def inventory(self) -> dict[int, dict[str, list[list[int]]]]:
         """What the root would be told: verified [step, generation] per source rank, per node."""
-        n = self.store.incr("inv/req")
+        n = self.store.incr(keys.INV_REQ)
         out = {}
         for node, proc in self.agents.items():
             if proc.poll() is not None:
                 continue  # a lost node answers nothing
-            key = f"inv/{n}/{node}"
+            key = keys.inventory(n, node)
             assert self.store.wait_for(key, 30.0), f"node {node} did not answer"
             out[node] = self.store.get_json(key)
         return out
 
     def close(self) -> None:
-        self.store.set("ctl/done", "1")
+        self.store.set(keys.DONE, "1")
         for p in self.agents.values():
             try:
                 p.wait(timeout=10)
@@ -521,8 +523,8 @@ def test_cli_refuses_an_impossible_shm_layout_in_one_line_and_allocates_nothing(
         assert lines[0].startswith("gemini: error: backend.replication.factor=4: ")
         assert "GiB of /dev/shm" in lines[0] and "is available" in lines[0]
         assert list(shm_dir.iterdir()) == []
-        # Refused before any job was set up: no job spec, no process started.
-        assert list(outputs_dir.rglob("job.json")) == []
+        # Refused before any job was set up: not even its directory exists.
+        assert not outputs_dir.exists()
     finally:
         for p in shm_dir.iterdir():
             p.unlink()

@@ -22,7 +22,7 @@ from gemini.checkpoint.slot import list_segments
 from gemini.cluster.processes import run_processes
 from gemini.config import to_schema
 from gemini.experiment import run
-from gemini.recovery import RECOVERY_METRICS
+from gemini.recovery import PHASES, RECOVERY_METRICS
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -49,9 +49,15 @@ slow = pytest.mark.slow
 timeout = pytest.mark.timeout(300)
 
 
+def cluster(*overrides: str) -> list[str]:
+    """This file's CLUSTER with ``overrides`` in place of the keys they name."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [*(c for c in CLUSTER if c.split("=", 1)[0] not in keys), *overrides]
+
+
 def job(run_job: RunJob, *overrides: str, steps: int = STEPS, **kw: Any) -> tuple[Any, Path]:
     """One job with this file's cluster; it must complete and leave nothing behind."""
-    summary, job_dir = run_job(*CLUSTER, f"train.steps={steps}", *overrides, **kw)
+    summary, job_dir = run_job(*cluster(f"train.steps={steps}", *overrides), **kw)
     assert summary["outcome"] == "completed", summary.get("reason")
     assert summary["steps"] == steps
     assert_left_nothing(summary["run_id"])
@@ -64,7 +70,8 @@ def assert_left_nothing(run_id: str) -> None:
 
 
 class References:
-    """Failure-free digests of this file's cluster, computed once per number of steps.
+    """Failure-free digests of this file's cluster, computed once per number of steps
+    (and per change to the cluster: ``digest(steps, "cluster.nodes=3")``).
 
     The backend does not change the digest (tests/test_backends_e2e.py), so
     ``backend=none`` is the reference of every backend.
@@ -72,17 +79,18 @@ class References:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.digests: dict[int, str] = {}
+        self.digests: dict[tuple[int, tuple[str, ...]], str] = {}
 
-    def digest(self, steps: int = STEPS) -> str:
-        if steps not in self.digests:
-            self.digests[steps] = self._run(steps)
-        return self.digests[steps]
+    def digest(self, steps: int = STEPS, *changes: str) -> str:
+        key = (steps, changes)
+        if key not in self.digests:
+            self.digests[key] = self._run(steps, changes, len(self.digests))
+        return self.digests[key]
 
-    def _run(self, steps: int) -> str:
-        outputs = self.root / f"steps{steps}"
+    def _run(self, steps: int, changes: tuple[str, ...], n: int) -> str:
+        outputs = self.root / f"steps{steps}-{n}"
         cfg = compose_config(
-            [*CLUSTER, f"train.steps={steps}", "backend=none", "failure=none",
+            [*cluster(f"train.steps={steps}", *changes), "backend=none", "failure=none",
              "tracking=off", "progress=false", f"paths.outputs={outputs}"]
         )  # fmt: skip
         summary = run(to_schema(cfg), job_dir=outputs / "job")
@@ -106,7 +114,19 @@ def only_recovery(summary: dict[str, Any], kind: str) -> dict[str, Any]:
     for phase in ("detect_s", "teardown_s", "restart_s", "retrieve_s", "load_s", "recovery_s"):
         assert isinstance(rec[phase], (int, float)) and rec[phase] >= 0, (phase, rec)
     assert rec["wasted_s"] >= rec["recovery_s"]
+    assert_phases_add_up(summary, rec)
     return rec
+
+
+def assert_phases_add_up(summary: dict[str, Any], rec: dict[str, Any]) -> None:
+    """The phases cover the recovery exactly; only memory backends pay an alloc phase."""
+    assert sum(rec[p] for p in PHASES) == pytest.approx(rec["recovery_s"], abs=1e-6)
+    if summary["backend"] in ("memory", "replicated"):
+        # Slots are set up for the new generation (mapped by every rank,
+        # allocated and touched on a replaced node): not part of restart_s.
+        assert rec["alloc_s"] > 0, rec
+    else:
+        assert rec["alloc_s"] == 0, rec
 
 
 def assert_detected_in_time(rec: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemini.lineage import Timeline
-from gemini.recovery import MILESTONES, Plan, plan_recovery, restart_phases
+from gemini.recovery import MILESTONES, PHASES, Plan, plan_recovery, restart_phases
 
 # 4 nodes x 1 rank: rank r lives on node r.
 FOUR = {r: r for r in range(4)}
@@ -343,21 +343,42 @@ def test_restart_phases_follow_the_slowest_rank_and_add_up() -> None:
     }
     ph = restart_phases(9.0, readies)
     assert ph == pytest.approx(
-        {"restart_s": 2.0, "rendezvous_s": 0.8, "retrieve_s": 1.0, "load_s": 0.2}
+        {"restart_s": 2.0, "rendezvous_s": 0.8, "alloc_s": 0.0, "retrieve_s": 1.0, "load_s": 0.2}
     )
     assert sum(ph.values()) == pytest.approx(13.0 - 9.0)
-    assert set(MILESTONES) == set(readies[0])
+    assert set(MILESTONES) == set(readies[0]) | {"t_alloc_start", "t_alloc_end"}
+
+
+def test_alloc_is_its_own_phase_cut_from_the_restart() -> None:
+    # Both ranks map their slots after the rendezvous; rank 1's holder was a
+    # replaced node whose agent the root waited 0.7 s for before launching.
+    readies = {
+        0: {"t_rdzv_start": 10.0, "t_rdzv_end": 11.0, "t_alloc_start": 11.2,
+            "t_alloc_end": 11.3, "t_retrieve_start": 11.4, "t_retrieve_end": 11.5, "t": 12.0},
+        1: {"t_rdzv_start": 10.2, "t_rdzv_end": 11.0, "t_alloc_start": 11.2,
+            "t_alloc_end": 11.6, "t_retrieve_start": 11.7, "t_retrieve_end": 11.9, "t": 12.0},
+    }  # fmt: skip
+    ph = restart_phases(8.0, readies, alloc_before_s=0.7)
+    # restart: 8.0 -> 10.2 less the 0.7 s of allocation, + 11.0 -> 11.2, + 11.6 -> 11.7
+    assert ph == pytest.approx(
+        {"restart_s": 1.8, "rendezvous_s": 0.8, "alloc_s": 1.1, "retrieve_s": 0.2, "load_s": 0.1}
+    )
+    assert sum(ph.values()) == pytest.approx(12.0 - 8.0)
+    assert set(PHASES) >= set(ph)
+    # The root's wait can never be longer than the span it is cut from.
+    assert restart_phases(8.0, readies, alloc_before_s=99.0)["restart_s"] == pytest.approx(0.3)
 
 
 def test_restart_phases_of_a_restart_from_scratch_have_no_retrieval() -> None:
     readies = {0: {"t_rdzv_start": 5.0, "t_rdzv_end": 5.5, "t": 7.0}}
     ph = restart_phases(4.0, readies)
     assert ph == pytest.approx(
-        {"restart_s": 2.5, "rendezvous_s": 0.5, "retrieve_s": 0.0, "load_s": 0.0}
+        {"restart_s": 2.5, "rendezvous_s": 0.5, "alloc_s": 0.0, "retrieve_s": 0.0, "load_s": 0.0}
     )
     assert restart_phases(4.0, {}) == {
         "restart_s": 0.0,
         "rendezvous_s": 0.0,
+        "alloc_s": 0.0,
         "retrieve_s": 0.0,
         "load_s": 0.0,
     }

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from gemini.tracking import metric_names
+
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 Cli = Callable[..., tuple[int, str, str]]
@@ -77,6 +79,8 @@ def test_a_run_records_config_machine_step_metrics_and_artifacts(
         assert sorted(m.step for m in history) == [1, 2, 3, 4], metric
         assert all(m.value > 0 for m in history), metric
     assert run.data.metrics["run/steps"] == 4
+    # Every metric logged is one docs/design.md explains.
+    assert set(run.data.metrics) <= set(metric_names())
 
     assert {".hydra", "summary.json"} <= artifact_paths(mlflow_uri, run.info.run_id)
     hydra_files = artifact_paths(mlflow_uri, run.info.run_id, ".hydra")

@@ -96,11 +96,22 @@ class CheckpointBackend(ABC):
     def busy(self) -> bool:
         return self._pending is not None
 
+    allocates = False
+    """Whether ``prepare`` sets up checkpoint memory (slots) whose cost a restart pays."""
+
     def prepare(self, state: TrainState) -> dict[str, Any]:
-        """Allocate what checkpoints need, once, before training (its cost is reported apart)."""
+        """Allocate what checkpoints need, once, before training (its cost is reported apart).
+
+        A backend that allocates also returns the wall-clock milestones
+        ``t_alloc_start``/``t_alloc_end`` (``gemini.recovery.MILESTONES``): a
+        recovery reports that span as its own phase, ``alloc_s``.
+        """
+        t_wall = time.time()
         t0 = time.perf_counter()
         out = self._prepare(state)
         out["ckpt_prepare_s"] = time.perf_counter() - t0
+        if self.allocates:
+            out.update(t_alloc_start=t_wall, t_alloc_end=time.time())
         return out
 
     def snapshot(self, step: int, state: TrainState) -> None:

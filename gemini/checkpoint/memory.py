@@ -34,6 +34,7 @@ from gemini.checkpoint.backend import (
     SnapshotTiming,
 )
 from gemini.checkpoint.slot import SlotSet, manifest_capacity_for, shm_available_bytes, shm_name
+from gemini.cluster import keys
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig
 
@@ -104,11 +105,12 @@ class MemoryBackend(CheckpointBackend):
     """``backend=memory``: two slots per rank in the local agent's shared memory."""
 
     name = "memory"
+    allocates = True
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.cfg = ctx.job.cfg
-        self.store = Store.from_address(ctx.job.store)
+        self.store = Store.for_job(ctx.job)
         self.chunk = self.cfg.backend.chunk_mb << 20
         self.slots: SlotSet | None = None
         self.holders: list[int] = []
@@ -119,7 +121,7 @@ class MemoryBackend(CheckpointBackend):
         self.persist_interval = 0
         """Persist every this many steps (0 = not yet calibrated / never)."""
         self._disk: DiskStore | None = None
-        arm = self.store.get_json_or(f"inject/arm/{ctx.rank}")
+        arm = self.store.get_json_or(keys.inject_arm(ctx.rank))
         if arm is not None and arm.get("after_gen") is not None:
             # A follow-up failure: only a generation after the one it follows.
             arm = arm if ctx.generation > int(arm["after_gen"]) else None
@@ -135,14 +137,14 @@ class MemoryBackend(CheckpointBackend):
             "data": nbytes,
             "manifest": manifest_capacity_for(len(spec), nbytes, self.chunk),
         }
-        self.store.set_json(f"ckpt/size/{self.ctx.rank}", size)
+        self.store.set_json(keys.ckpt_size(self.ctx.rank), size)
         nodes = [self.ctx.node, *self.holders]
         touch = 0.0
         deadline = time.monotonic() + 120
         for n in nodes:
             while True:
-                inc = self.store.get_json_or(f"agent/node{n}", {}).get("incarnation")
-                ready = self.store.get_json_or(f"ckpt/ready/{n}/{self.ctx.rank}")
+                inc = self.store.get_json_or(keys.agent(n), {}).get("incarnation")
+                ready = self.store.get_json_or(keys.ckpt_ready(n, self.ctx.rank))
                 if ready is not None and inc is not None and ready["incarnation"] == inc:
                     touch = max(touch, float(ready.get("touch_s", 0.0)))
                     break
@@ -176,7 +178,7 @@ class MemoryBackend(CheckpointBackend):
             self._arm is not None
             and step
             >= int(self._arm["step"]) + (self._restored if self._arm.get("after_recovery") else 0)
-            and not self.store.exists(f"inject/fired/{self._arm['id']}")
+            and not self.store.exists(keys.inject_fired(self._arm["id"]))
         )
         self._error = None
         self._thread = threading.Thread(
@@ -234,7 +236,7 @@ class MemoryBackend(CheckpointBackend):
         fmt.write_state(half, entries[: len(half)], dst)
         arm = self._arm or {}
         self.store.push(
-            "inject",
+            keys.INJECT,
             {
                 **arm,
                 "t": time.time(),
@@ -243,7 +245,7 @@ class MemoryBackend(CheckpointBackend):
                 "what": f"kill during the snapshot of step {step}",
             },
         )
-        self.store.set(f"inject/fired/{arm.get('id')}", "1")
+        self.store.set(keys.inject_fired(arm.get("id")), "1")
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
@@ -331,7 +333,7 @@ class MemoryBackend(CheckpointBackend):
     def _client(self, node: int) -> TransportClient:
         from gemini.cluster.transport import TransportClient
 
-        info = self.store.get_json(f"agent/node{node}")
+        info = self.store.get_json(keys.agent(node))
         host, port = info["transport"].rsplit(":", 1)
         return TransportClient(host, int(port), self.ctx.job.secret(), timeout_s=60.0)
 

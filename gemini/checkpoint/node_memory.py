@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gemini.checkpoint.slot import SlotError, SlotSet, shm_name
+from gemini.cluster import keys
 
 if TYPE_CHECKING:
     from gemini.cluster.job import JobSpec
@@ -37,10 +38,10 @@ class AgentServices:
         self, job: JobSpec | None = None, node: int = 0, store: Store | None = None
     ) -> None:
         self.job, self.node, self.store = job, node, store
-        self.answered = store.counter("inv/req") if store is not None else 0
+        self.answered = store.counter(keys.INV_REQ) if store is not None else 0
         # Trim requests are answered once each, newest only: an older one's
         # step can only be newer than (or equal to) the newest one's.
-        self.trimmed = store.counter("trim/req") if store is not None else 0
+        self.trimmed = store.counter(keys.TRIM_REQ) if store is not None else 0
 
     def start(self) -> dict[str, Any]:
         """Start serving; returns what peers need to know (e.g. an address)."""
@@ -50,15 +51,18 @@ class AgentServices:
         """Called from the agent's control loop: answers inventory requests."""
         if self.store is None:
             return
-        n = self.store.counter("trim/req")
+        n = self.store.counter(keys.TRIM_REQ)
         if n > self.trimmed:
             self.trimmed = n
-            req = self.store.get_json(f"trim/{n}")
-            self.store.set_json(f"trim/{n}/{self.node}", self.trim(int(req["step"])))
-        n = self.store.counter("inv/req")
+            # The root writes the request before bumping the counter: an
+            # absent (or unsigned) one was never the root's.
+            req = self.store.get_json_or(keys.trim_request(n))
+            if req is not None:
+                self.store.set_json(keys.trim_ack(n, self.node), self.trim(int(req["step"])))
+        n = self.store.counter(keys.INV_REQ)
         if n > self.answered:
             self.answered = n
-            self.store.set_json(f"inv/{n}/{self.node}", self.inventory())
+            self.store.set_json(keys.inventory(n, self.node), self.inventory())
 
     def inventory(self) -> dict[str, list[list[int]]]:
         """Verified complete ``[step, generation]`` held here, per source rank."""
@@ -120,9 +124,9 @@ class MemoryServices(AgentServices):
         # Once every slot exists this loop costs nothing: no store round trips
         # on the agent's hot path while training runs.
         for rank in self.ranks if len(self.sets) < len(self.ranks) else ():
-            if rank in self.sets or not self.store.exists(f"ckpt/size/{rank}"):
+            size = None if rank in self.sets else self.store.get_json_or(keys.ckpt_size(rank))
+            if size is None:
                 continue
-            size = self.store.get_json(f"ckpt/size/{rank}")
             kind = "local" if self.rank_node[rank] == self.node else "replica"
             name = shm_name(self.job.run_id, self.node, rank, kind)
             t0 = time.perf_counter()
@@ -130,9 +134,9 @@ class MemoryServices(AgentServices):
                 name, int(size["data"]), int(size["manifest"]), touch=True
             )
             if self.incarnation is None:
-                self.incarnation = self.store.get_json(f"agent/node{self.node}")["incarnation"]
+                self.incarnation = self.store.get_json(keys.agent(self.node))["incarnation"]
             self.store.set_json(
-                f"ckpt/ready/{self.node}/{rank}",
+                keys.ckpt_ready(self.node, rank),
                 {"incarnation": self.incarnation, "touch_s": time.perf_counter() - t0},
             )
         super().tick()

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
 from gemini.cluster.processes import spawn_module, terminate_tree
 from gemini.cluster.store import Store
@@ -38,8 +39,8 @@ ROOT_STARTUP_GRACE_S = 60.0
 class Heartbeat:
     """A thread that bumps ``hb/{name}`` every period (a counter: no clock skew)."""
 
-    def __init__(self, store_address: str, name: str, period_s: float) -> None:
-        self.store = Store.from_address(store_address)
+    def __init__(self, job: JobSpec, name: str, period_s: float) -> None:
+        self.store = Store.for_job(job)
         self.name, self.period_s = name, period_s
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"hb-{name}", daemon=True)
@@ -51,7 +52,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.store.incr(f"hb/{self.name}")
+                self.store.incr(keys.hb(self.name))
             except Exception:  # the store went away: the job is over
                 return
             self._stop.wait(self.period_s)
@@ -65,7 +66,7 @@ class WorkerAgent:
     def __init__(self, job: JobSpec, node: int) -> None:
         self.job, self.node = job, node
         self.cfg = job.cfg
-        self.store = Store.from_address(job.store)
+        self.store = Store.for_job(job)
         self.rpn = self.cfg.cluster.ranks_per_node
         self.ranks = [node * self.rpn + i for i in range(self.rpn)]
         self.trainers: dict[int, subprocess.Popen[bytes]] = {}
@@ -93,25 +94,26 @@ class WorkerAgent:
         return dict(self.services.start())
 
     def run(self) -> int:
-        hb = Heartbeat(self.job.store, f"node{self.node}", self.cfg.cluster.heartbeat_s).start()
+        hb = Heartbeat(self.job, f"node{self.node}", self.cfg.cluster.heartbeat_s).start()
         info = self.start_services()
-        incarnation = self.store.incr(f"agent/node{self.node}/incarnation")
+        incarnation = self.store.incr(keys.agent_incarnation(self.node))
         self.store.set_json(
-            f"agent/node{self.node}",
+            keys.agent(self.node),
             {"pid": os.getpid(), "node": self.node, "incarnation": incarnation, **info},
         )
         # A replacement agent must not relaunch the generation it replaces:
         # it waits for the root's next one.
-        self.gen = self.store.counter("ctl/gen")
+        self.gen = self.generation()
         try:
             while not self._stopping:
-                if self.store.exists("ctl/done") or self.store.exists("ctl/abort"):
+                if self.store.exists(keys.DONE) or self.store.exists(keys.ABORT):
                     break
-                g = self.store.counter("ctl/gen")
-                if g > self.gen:
+                g = self.generation()
+                # Only a generation the root planned (a signed plan) is launched.
+                if g > self.gen and self.store.exists(keys.plan(g)):
                     self.stop_trainers()
                     self.launch(g)
-                elif self.trainers and self.store.exists(f"ctl/stop/{self.gen}"):
+                elif self.trainers and self.store.exists(keys.stop(self.gen)):
                     self.stop_trainers()
                 self.poll_trainers()
                 if self.services is not None:
@@ -133,6 +135,9 @@ class WorkerAgent:
             if self.services is not None:
                 self.services.close()
         return 0
+
+    def generation(self) -> int:
+        return int(self.store.get_json_or(keys.GEN, 0))
 
     def trainer_args(self, local: int, rank: int) -> list[str]:
         return [
@@ -198,7 +203,7 @@ class WorkerAgent:
             if code is not None and rank not in self.reported:
                 self.reported.add(rank)
                 self.store.set_json(
-                    f"exit/{self.gen}/{rank}", {"code": code, "node": self.node, "t": time.time()}
+                    keys.exited(self.gen, rank), {"code": code, "node": self.node, "t": time.time()}
                 )
 
     def stop_trainers(self) -> None:
@@ -212,7 +217,7 @@ class WorkerAgent:
     def live_nodes(self, now: float) -> list[int]:
         live = []
         for n in range(self.cfg.cluster.nodes):
-            v = self.store.counter(f"hb/node{n}")
+            v = self.store.counter(keys.hb_node(n))
             seen = self.peer_hb.get(n)
             if seen is None or seen[0] != v:
                 self.peer_hb[n] = (v, now)
@@ -234,8 +239,8 @@ class WorkerAgent:
         if now - self.root_checked < self.cfg.cluster.heartbeat_s / 2:
             return
         self.root_checked = now
-        v = self.store.counter("hb/root")
-        epoch = self.store.counter("root/epoch")
+        v = self.store.counter(keys.HB_ROOT)
+        epoch = self.store.counter(keys.ROOT_EPOCH)
         if epoch != self.root_epoch:
             self.root_epoch, self.root_seen, self.awaiting_root = epoch, now, True
         if v != self.root_hb or v == 0:
@@ -244,7 +249,7 @@ class WorkerAgent:
             self.root_hb, self.root_seen = v, now
             return
         limit = ROOT_STARTUP_GRACE_S if self.awaiting_root else self.limit_s
-        if now - self.root_seen < limit or self.store.exists("ctl/done"):
+        if now - self.root_seen < limit or self.store.exists(keys.DONE):
             return
         live = self.live_nodes(now)
         # The lowest live node stands first; the others only if it stays silent.
@@ -252,13 +257,13 @@ class WorkerAgent:
         if self.node != lowest and now - self.root_seen < 3 * limit:
             return
         me = str(self.node)
-        got = self.store.raw.compare_set(f"root/elect/{epoch}", "", me)
+        got = self.store.raw.compare_set(keys.root_elect(epoch), "", me)
         if got.decode() != me:
             return
         self.store.set_json(
-            "root/elected", {"node": self.node, "epoch": epoch + 1, "t": time.time()}
+            keys.ROOT_ELECTED, {"node": self.node, "epoch": epoch + 1, "t": time.time()}
         )
-        self.store.incr("root/epoch")
+        self.store.incr(keys.ROOT_EPOCH)
         self.root_proc = spawn_module(
             "gemini.cluster.root",
             ["--job", str(Path(self.job.job_dir) / "job.json")],

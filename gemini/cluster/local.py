@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from gemini.checkpoint.slot import unlink_prefix
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
 from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
@@ -76,7 +77,7 @@ class LocalCluster:
             new_session=True,
             env=self.env,
         )
-        self.store.set_json("root/pid", {"pid": self.root.pid})
+        self.store.set_json(keys.ROOT_PID, {"pid": self.root.pid})
         for n in range(self.job.cfg.cluster.nodes):
             self.start_node(n)
 
@@ -88,7 +89,7 @@ class LocalCluster:
             new_session=True,
             env=self.env,
         )
-        self.store.set_json(f"launcher/node{node}", {"pid": self.nodes[node].pid})
+        self.store.set_json(keys.launcher(node), {"pid": self.nodes[node].pid})
 
     def kill_node(self, node: int) -> None:
         """A hardware failure: the node's whole process tree and its memory are gone."""
@@ -100,7 +101,7 @@ class LocalCluster:
 
     def service(self) -> None:
         """Serve the root's requests to replace nodes (fresh process tree, empty memory)."""
-        for n, req in self.store.items("spawn", self.spawn_seen + 1):
+        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
             self.spawn_seen = n
             node = int(req["node"])
             p = self.nodes.get(node)
@@ -109,12 +110,12 @@ class LocalCluster:
             unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
             self.start_node(node)
             self.replaced.append((node, time.time()))
-            self.store.set_json(f"spawn/{n}/ack", {"node": node, "t": time.time()})
+            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
 
     def teardown(self) -> None:
         """Stop everything this job started, and free its shared memory."""
         with contextlib.suppress(Exception):
-            self.store.set("ctl/abort", "1")
+            self.store.set(keys.ABORT, "1")
         procs = [p for p in [self.root, *self.nodes.values()] if p is not None]
         for p in procs:
             if p.poll() is None:

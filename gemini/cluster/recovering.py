@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gemini.cluster import keys
 from gemini.recovery import Held, Plan, newest_on_timeline, plan_recovery, restart_phases
 
 if TYPE_CHECKING:
@@ -99,21 +100,18 @@ def gave_up(attempts: list[Attempt]) -> str:
 # -- trim requests (the root publishes, every agent acknowledges) -------------------------
 def request_trim(store: Store, step: int, generation: int) -> int:
     """Ask every agent to drop its copies newer than ``step``; returns the request number."""
-    n = store.counter("trim/req") + 1
+    n = store.counter(keys.TRIM_REQ) + 1
     # The request first, then the counter agents poll: one never sees a
     # number whose request is not there yet.
-    store.set_json(f"trim/{n}", {"step": step, "generation": generation, "t": time.time()})
-    store.incr("trim/req")
+    store.set_json(keys.trim_request(n), {"step": step, "generation": generation, "t": time.time()})
+    store.incr(keys.TRIM_REQ)
     return n
 
 
 def trim_acks(store: Store, n: int, nodes: list[int]) -> dict[int, Any]:
     """The answers to trim request ``n`` received so far, per node."""
-    return {
-        node: store.get_json(f"trim/{n}/{node}")
-        for node in nodes
-        if store.exists(f"trim/{n}/{node}")
-    }
+    got = {node: store.get_json_or(keys.trim_ack(n, node)) for node in nodes}
+    return {node: ack for node, ack in got.items() if ack is not None}
 
 
 # -- one recovery -----------------------------------------------------------------------
@@ -130,6 +128,8 @@ class Recovery:
         self.excluded: list[tuple[int, int, str, int]] = []
         self.rec: dict[str, Any] = {}
         self.t_torn = 0.0
+        self.alloc_before_s = 0.0
+        """Seconds waited for replaced nodes to allocate their slots (``alloc_s``)."""
 
     def run(self) -> None:
         """All phases; raises :class:`RecoveryFailed` when no attempt succeeds."""
@@ -154,7 +154,7 @@ class Recovery:
         """Open the record; refuse a job that has restarted too often."""
         root, store = self.root, self.store
         t_detect = time.time()
-        restarts = store.incr("root/restarts")
+        restarts = store.incr(keys.ROOT_RESTARTS)
         if restarts > self.cfg.cluster.max_restarts:
             # A job that fails again after every restart (a bug, not a fault)
             # must end, not loop.
@@ -163,10 +163,12 @@ class Recovery:
                 f"{self.cfg.cluster.max_restarts}); the last failure: dead nodes {self.dead}, "
                 f"failed ranks {self.ranks} — see the rank logs"
             )
-        injected = store.items("inject", root.inject_seen + 1)
+        injected = store.items(keys.INJECT, root.inject_seen + 1)
         if injected:
             root.inject_seen = injected[-1][0]
-            store.incr("root/inject_seen", root.inject_seen - store.counter("root/inject_seen"))
+            store.incr(
+                keys.ROOT_INJECT_SEEN, root.inject_seen - store.counter(keys.ROOT_INJECT_SEEN)
+            )
         t_inject = min((rec["t"] for _, rec in injected), default=t_detect)
         kind = "hardware" if self.dead else "software"
         failed_step = root.progress()
@@ -174,12 +176,12 @@ class Recovery:
             f"failure: {kind}; dead nodes {self.dead}, failed ranks {self.ranks}; "
             f"job at step {failed_step}"
         )
-        pending = store.get_json_or("root/pending")
+        pending = store.get_json_or(keys.ROOT_PENDING)
         if pending is not None:
             # A failure during the previous recovery's replay ends that record early.
             pending["interrupted"] = True
-            store.push("recovery", pending)
-            store.set_json("root/pending", None)
+            store.push(keys.RECOVERY, pending)
+            store.set_json(keys.ROOT_PENDING, None)
         self.rec = {
             "kind": kind,
             "failed": f"nodes {self.dead}" if self.dead else f"ranks {self.ranks}",
@@ -196,7 +198,7 @@ class Recovery:
     def teardown(self) -> None:
         """Stop every trainer of the generation on the live nodes and wait for their exits."""
         old = self.root.gen
-        self.store.set(f"ctl/stop/{old}", "1")
+        self.store.set(keys.stop(old), "1")
         live = [r for r in range(self.root.world) if self.root.rank_node[r] not in self.dead_set]
         self.dead_set |= set(self.root.wait_exits(old, live, timeout_s=15.0))
         self.t_torn = time.time()
@@ -217,6 +219,7 @@ class Recovery:
         if lost:
             self.root.replace(lost)
             self.replaced |= set(lost)
+            self.alloc_before_s += self.root.wait_allocated(lost)
         rec = self.rec
         rec["dead_nodes"] = sorted(self.dead_set)
         rec["kind"] = "hardware" if self.dead_set else "software"
@@ -292,13 +295,12 @@ class Recovery:
         attempt = Attempt(plan, gen, readies)
         if ok:
             return attempt
-        self.store.set(f"ctl/stop/{gen}", "1")
+        self.store.set(keys.stop(gen), "1")
         attempt.newly_dead = self.root.wait_exits(gen, list(range(self.root.world)), 15.0)
-        attempt.failed_restores = {
-            r: self.store.get_json(f"restore_failed/{gen}/{r}")
-            for r in range(self.root.world)
-            if self.store.exists(f"restore_failed/{gen}/{r}")
+        reported = {
+            r: self.store.get_json_or(keys.restore_failed(gen, r)) for r in self.root.rank_node
         }
+        attempt.failed_restores = {r: f for r, f in reported.items() if f is not None}
         return attempt
 
     # -- the record ---------------------------------------------------------------------------
@@ -306,7 +308,7 @@ class Recovery:
         """Store the recovery's phases; the root closes it once replay is done."""
         rec, readies = self.rec, attempt.readies
         t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
-        rec.update(restart_phases(self.t_torn, readies))
+        rec.update(restart_phases(self.t_torn, readies, self.alloc_before_s))
         prepare = [float(v.get("ckpt_prepare_s", 0.0)) for v in readies.values()]
         rec["ckpt_prepare_s"] = max(prepare) if prepare else 0.0
         rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())
@@ -318,4 +320,4 @@ class Recovery:
         rec["rank_warm_up_s"] = {str(r): v.get("warm_up_s", 0.0) for r, v in readies.items()}
         rec["generation"] = attempt.generation
         rec["t_ready"] = t_ready
-        self.store.set_json("root/pending", rec)
+        self.store.set_json(keys.ROOT_PENDING, rec)

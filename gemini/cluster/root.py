@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemini.cluster import keys
 from gemini.cluster.agent import Heartbeat
 from gemini.cluster.job import JobSpec
 from gemini.cluster.recovering import Recovery, RecoveryFailed
@@ -53,18 +54,18 @@ class RootAgent:
     def __init__(self, job: JobSpec) -> None:
         self.job = job
         self.cfg = job.cfg
-        self.store = Store.from_address(job.store)
+        self.store = Store.for_job(job)
         c = self.cfg.cluster
         self.nodes = c.nodes
         self.world = job.world_size
         self.rank_node = {r: r // c.ranks_per_node for r in range(self.world)}
         self.limit_s = c.heartbeat_s * c.missed_beats
         self.live = Liveness()
-        self.gen = self.store.counter("ctl/gen")
-        self.inject_seen = self.store.counter("root/inject_seen")
+        self.gen = int(self.store.get_json_or(keys.GEN, 0))
+        self.inject_seen = self.store.counter(keys.ROOT_INJECT_SEEN)
         # A root serves one epoch; finding a newer one means it was presumed
         # dead and replaced, so it must step down rather than act twice.
-        self.epoch = self.store.counter("root/epoch")
+        self.epoch = self.store.counter(keys.ROOT_EPOCH)
 
     # -- helpers ----------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -73,52 +74,43 @@ class RootAgent:
     def refresh_liveness(self) -> None:
         now = time.monotonic()
         for n in range(self.nodes):
-            self.live.update(n, self.store.counter(f"hb/node{n}"), now)
+            self.live.update(n, self.store.counter(keys.hb_node(n)), now)
 
     def dead_nodes(self) -> list[int]:
         now = time.monotonic()
         return [n for n in range(self.nodes) if self.live.stale(n, now, self.limit_s)]
 
     def exits(self, gen: int) -> dict[int, dict[str, Any]]:
-        return {
-            r: self.store.get_json(f"exit/{gen}/{r}")
-            for r in range(self.world)
-            if self.store.exists(f"exit/{gen}/{r}")
-        }
+        got = {r: self.store.get_json_or(keys.exited(gen, r)) for r in range(self.world)}
+        return {r: e for r, e in got.items() if e is not None}
 
     def progress(self) -> int:
-        return max(
-            (
-                int(self.store.raw.get(f"progress/{r}"))
-                for r in range(self.world)
-                if self.store.exists(f"progress/{r}")
-            ),
-            default=0,
-        )
+        return max((self.store.get_int(keys.progress(r)) for r in range(self.world)), default=0)
 
     def launch(self, plan: dict[str, Any]) -> int:
         gen = self.gen + 1
-        self.store.set_json(f"ctl/plan/{gen}", plan)
+        self.store.set_json(keys.plan(gen), plan)
         # Progress restarts with the new generation: a step the abandoned
         # timeline reached must not count as reached by this one.
         for r in range(self.world):
-            self.store.set(f"progress/{r}", str(int(plan.get("start_step", 0))))
-        self.gen = self.store.incr("ctl/gen")
-        self.store.set_json("root/state", {"gen": self.gen})
+            self.store.set(keys.progress(r), str(int(plan.get("start_step", 0))))
+        self.store.set_json(keys.GEN, gen)
+        self.gen = gen
+        self.store.set_json(keys.ROOT_STATE, {"gen": self.gen})
         return self.gen
 
     # -- the job ----------------------------------------------------------------
     def wait_agents(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
         for n in range(self.nodes):
-            while not self.store.exists(f"agent/node{n}"):
+            while not self.store.exists(keys.agent(n)):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"node {n}'s agent did not register in {timeout_s:.0f} s")
                 time.sleep(0.05)
 
     def run(self) -> int:
-        hb = Heartbeat(self.job.store, "root", self.cfg.cluster.heartbeat_s).start()
-        self.store.set_json("root/pid", {"pid": os.getpid(), "t": time.time()})
+        hb = Heartbeat(self.job, "root", self.cfg.cluster.heartbeat_s).start()
+        self.store.set_json(keys.ROOT_PID, {"pid": os.getpid(), "t": time.time()})
         try:
             if self.gen == 0:
                 self.wait_agents()
@@ -133,13 +125,13 @@ class RootAgent:
     def took_over(self) -> None:
         """Record the loss of the previous root: this one was elected to replace it."""
         now = time.time()
-        elected = self.store.get_json_or("root/elected", {})
-        injected = self.store.items("inject", self.inject_seen + 1)
+        elected = self.store.get_json_or(keys.ROOT_ELECTED, {})
+        injected = self.store.items(keys.INJECT, self.inject_seen + 1)
         lost = [rec for _, rec in injected if rec.get("kind") == "root_loss"]
         if injected:
             self.inject_seen = injected[-1][0]
             self.store.incr(
-                "root/inject_seen", self.inject_seen - self.store.counter("root/inject_seen")
+                keys.ROOT_INJECT_SEEN, self.inject_seen - self.store.counter(keys.ROOT_INJECT_SEEN)
             )
         t_inject = float(lost[0]["t"]) if lost else float(elected.get("t", now))
         t_elected = float(elected.get("t", now))
@@ -148,7 +140,7 @@ class RootAgent:
         )
         step = self.progress()
         self.store.push(
-            "recovery",
+            keys.RECOVERY,
             {
                 "kind": "root_loss",
                 "failed": "root agent",
@@ -159,6 +151,7 @@ class RootAgent:
                 "teardown_s": 0.0,
                 "restart_s": now - t_elected,
                 "rendezvous_s": 0.0,
+                "alloc_s": 0.0,
                 "retrieve_s": 0.0,
                 "load_s": 0.0,
                 "replay_s": 0.0,
@@ -173,14 +166,14 @@ class RootAgent:
     def monitor(self) -> int:
         suspicious_since: float | None = None
         while True:
-            if self.store.exists("ctl/abort"):
+            if self.store.exists(keys.ABORT):
                 return 1
-            if self.store.counter("root/epoch") != self.epoch:
+            if self.store.counter(keys.ROOT_EPOCH) != self.epoch:
                 self.log("a newer root was elected: stepping down")
                 return 0
             self.refresh_liveness()
             exits = self.exits(self.gen)
-            finals = [r for r in range(self.world) if self.store.exists(f"final/{self.gen}/{r}")]
+            finals = [r for r in range(self.world) if self.store.exists(keys.final(self.gen, r))]
             if (
                 len(finals) == self.world
                 and len(exits) == self.world
@@ -216,7 +209,7 @@ class RootAgent:
         """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            missing = [r for r in ranks if not self.store.exists(f"exit/{gen}/{r}")]
+            missing = [r for r in ranks if not self.store.exists(keys.exited(gen, r))]
             if not missing:
                 return []
             self.refresh_liveness()
@@ -229,14 +222,12 @@ class RootAgent:
 
     def replace(self, nodes: list[int], timeout_s: float = 120.0) -> None:
         """Ask the launcher for fresh nodes (empty memory) and wait for their agents."""
-        before = {
-            n: self.store.get_json_or(f"agent/node{n}", {}).get("incarnation", 0) for n in nodes
-        }
+        before = {n: self.store.get_json_or(keys.agent(n), {}).get("incarnation", 0) for n in nodes}
         for n in nodes:
-            self.store.push("spawn", {"node": n, "t": time.time()})
+            self.store.push(keys.SPAWN, {"node": n, "t": time.time()})
         deadline = time.monotonic() + timeout_s
         for n in nodes:
-            while self.store.get_json_or(f"agent/node{n}", {}).get("incarnation", 0) <= before[n]:
+            while self.store.get_json_or(keys.agent(n), {}).get("incarnation", 0) <= before[n]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"replacement node {n} did not come up in {timeout_s:.0f} s")
                 time.sleep(0.05)
@@ -244,20 +235,53 @@ class RootAgent:
         for n in nodes:
             self.live.changed[n] = now
 
+    def wait_allocated(self, nodes: list[int], timeout_s: float = 120.0) -> float:
+        """Wait until fresh nodes' agents have allocated their slots; returns the seconds.
+
+        A replaced node's agent creates and touches the slots of every rank it
+        holds as soon as it comes up (the sizes are known from the first
+        generation); a disk restart pays nothing of the kind. Waiting here,
+        before the inventory (which the agent answers only after allocating),
+        makes that work its own phase, ``alloc_s``.
+        """
+        if self.cfg.backend.name not in ("memory", "replicated"):
+            return 0.0
+        from gemini.checkpoint.memory import held_sources
+
+        t0 = time.time()
+        rpn = self.cfg.cluster.ranks_per_node
+        deadline = time.monotonic() + timeout_s
+        for n in nodes:
+            inc = self.store.get_json_or(keys.agent(n), {}).get("incarnation")
+            for src in held_sources(self.cfg, n):
+                for rank in range(src * rpn, (src + 1) * rpn):
+                    if not self.store.exists(keys.ckpt_size(rank)):
+                        continue  # never announced: nothing to allocate yet
+                    while (
+                        self.store.get_json_or(keys.ckpt_ready(n, rank), {}).get("incarnation")
+                        != inc
+                    ):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(
+                                f"replacement node {n} did not allocate slots for rank {rank} "
+                                f"in {timeout_s:.0f} s"
+                            )
+                        time.sleep(0.01)
+        return time.time() - t0
+
     def inventory(self, timeout_s: float = 60.0) -> dict[int, dict[int, list[Held]]]:
         """Ask every agent which verified ``(step, generation)`` it holds, per source rank."""
-        n = self.store.incr("inv/req")
+        n = self.store.incr(keys.INV_REQ)
         out: dict[int, dict[int, list[Held]]] = {}
         deadline = time.monotonic() + timeout_s
         for node in range(self.nodes):
-            key = f"inv/{n}/{node}"
-            while not self.store.exists(key) and time.monotonic() < deadline:
+            key = keys.inventory(n, node)
+            got = self.store.get_json_or(key)
+            while got is None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self.store.exists(key):
-                out[node] = {
-                    int(r): [(int(s), int(g)) for s, g in held]
-                    for r, held in self.store.get_json(key).items()
-                }
+                got = self.store.get_json_or(key)
+            if got is not None:
+                out[node] = {int(r): [(int(s), int(g)) for s, g in held] for r, held in got.items()}
         return out
 
     def storage_checkpoints(self) -> list[tuple[int, int]]:
@@ -287,7 +311,7 @@ class RootAgent:
     def timeline(self) -> Timeline:
         """Every generation's start step, from the plans published so far."""
         return Timeline.from_plans(
-            {g: self.store.get_json_or(f"ctl/plan/{g}", {}) for g in range(1, self.gen + 1)}
+            {g: self.store.get_json_or(keys.plan(g), {}) for g in range(1, self.gen + 1)}
         )
 
     def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
@@ -300,8 +324,10 @@ class RootAgent:
     def fail(self, reason: str) -> None:
         """End the job as failed: the controller reports ``reason`` and tears everything down."""
         self.log(reason)
-        self.store.set_json("root/result", {"status": "failed", "reason": reason, "gen": self.gen})
-        self.store.set("ctl/abort", "1")
+        self.store.set_json(
+            keys.ROOT_RESULT, {"status": "failed", "reason": reason, "gen": self.gen}
+        )
+        self.store.set(keys.ABORT, "1")
 
     def wait_ready(self, gen: int, timeout_s: float = 300.0) -> tuple[bool, dict[int, Any]]:
         """Wait until every rank of ``gen`` restored; False if one died trying."""
@@ -310,11 +336,8 @@ class RootAgent:
             self.refresh_liveness()
             if self.dead_nodes():
                 return False, {}
-            readies = {
-                r: self.store.get_json(f"ready/{gen}/{r}")
-                for r in range(self.world)
-                if self.store.exists(f"ready/{gen}/{r}")
-            }
+            got = {r: self.store.get_json_or(keys.ready(gen, r)) for r in range(self.world)}
+            readies = {r: v for r, v in got.items() if v is not None}
             if len(readies) == self.world:
                 return True, readies
             failed = [r for r, e in self.exits(gen).items() if e["code"] != 0]
@@ -326,12 +349,12 @@ class RootAgent:
 
     def check_replayed(self) -> None:
         """Close the pending recovery record once every rank is back at the failed step."""
-        rec = self.store.get_json_or("root/pending")
+        rec = self.store.get_json_or(keys.ROOT_PENDING)
         if rec is None:
             return
         target = min(int(rec["failed_step"]), self.cfg.train.steps)
         done = (
-            all(self.store.exists(f"final/{self.gen}/{r}") for r in range(self.world))
+            all(self.store.exists(keys.final(self.gen, r)) for r in range(self.world))
             or self.min_progress() >= target
         )
         if not done:
@@ -340,20 +363,16 @@ class RootAgent:
         rec["replay_s"] = max(0.0, t_back - float(rec["t_ready"]))
         rec["recovery_s"] = t_back - float(rec["t_inject"])
         rec["t_back"] = t_back
-        self.store.push("recovery", rec)
-        self.store.set_json("root/pending", None)
+        self.store.push(keys.RECOVERY, rec)
+        self.store.set_json(keys.ROOT_PENDING, None)
         self.log(f"recovered: back at step {target} {rec['recovery_s']:.2f} s after the failure")
 
     def min_progress(self) -> int:
-        vals = [
-            int(self.store.raw.get(f"progress/{r}")) if self.store.exists(f"progress/{r}") else 0
-            for r in range(self.world)
-        ]
-        return min(vals)
+        return min(self.store.get_int(keys.progress(r)) for r in range(self.world))
 
     def finish(self, status: str) -> None:
-        self.store.set_json("root/result", {"status": status, "gen": self.gen})
-        self.store.set("ctl/done", "1")
+        self.store.set_json(keys.ROOT_RESULT, {"status": status, "gen": self.gen})
+        self.store.set(keys.DONE, "1")
         self.log(f"job {status} in generation {self.gen}")
 
 
@@ -366,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return root.run()
     except Exception as e:  # the controller reads the reason from the store
         root.store.set_json(
-            "root/result", {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+            keys.ROOT_RESULT, {"status": "error", "reason": f"{type(e).__name__}: {e}"}
         )
         raise
 

@@ -51,6 +51,35 @@ def adamw_options(impl: str) -> dict[str, bool]:
     return dict(_ADAMW_KERNELS[impl])
 
 
+def place_optimizer_state(
+    opt: torch.optim.Optimizer, param: torch.Tensor, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Copies of ``param``'s restored optimizer state, where the optimizer step expects them.
+
+    A checkpoint is read back into host memory, but the state must live with
+    its parameter (on its GPU), or the first optimizer step after a restore
+    fails. AdamW's ``step`` is the exception: torch keeps it a host scalar
+    (one fewer kernel launch per parameter) unless the group is ``fused`` or
+    ``capturable``, in which case the kernel reads it as float32 on the
+    parameter's device. The same rule as torch's own ``load_state_dict``.
+    Always copies: the input may alias checkpoint memory that is reused.
+    """
+    group = next(g for g in opt.param_groups if any(q is param for q in g["params"]))
+    on_device = bool(group.get("fused") or group.get("capturable"))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "step":
+            if on_device:
+                out[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+            else:
+                out[key] = value.to(device="cpu", copy=True)
+        elif value.is_floating_point() and param.is_floating_point():
+            out[key] = value.to(device=param.device, dtype=param.dtype, copy=True)
+        else:
+            out[key] = value.to(device=param.device, copy=True)
+    return out
+
+
 class TrainState:
     """Everything one rank needs to resume exactly, and how to (de)serialise it."""
 
@@ -200,11 +229,9 @@ class TrainState:
             for p in (q for g in opt.param_groups for q in g["params"]):
                 idx = next(i for i, q in enumerate(self.params) if q is p)
                 prefix = f"optim/{self.param_names[idx]}/"
-                st = {
-                    k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)
-                }
+                st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 if st:
-                    opt.state[p] = st
+                    opt.state[p] = place_optimizer_state(opt, p, st)
             for i, b in enumerate(self.module.buffers()):
                 b.copy_(tensors[f"buffer/{i}"])
         if self.zero:

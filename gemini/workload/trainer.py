@@ -30,6 +30,7 @@ from gemini.checkpoint.backend import (
     SnapshotTiming,
     make_backend,
 )
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
 from gemini.config import GeminiConfig, config_hash
@@ -44,7 +45,7 @@ class Reporter:
     def __init__(self, job: JobSpec, rank: int, gen: int, period_s: float = 0.2) -> None:
         self.rank, self.gen, self.period_s = rank, gen, period_s
         self.q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-        self.store = Store.from_address(job.store)
+        self.store = Store.for_job(job)
         self.thread = threading.Thread(target=self._run, name="reporter", daemon=True)
         self.thread.start()
 
@@ -54,8 +55,8 @@ class Reporter:
     def _flush(self, batch: list[dict[str, Any]]) -> None:
         if not batch:
             return
-        self.store.append(f"metrics/{self.rank}", "".join(_json_line(r) for r in batch))
-        self.store.set(f"progress/{self.rank}", str(batch[-1]["step"]))
+        self.store.append(keys.metrics(self.rank), "".join(_json_line(r) for r in batch))
+        self.store.set(keys.progress(self.rank), str(batch[-1]["step"]))
 
     def _run(self) -> None:
         done = False
@@ -113,7 +114,7 @@ def wait_for_generation(store: Store, gen: int, world: int) -> None:
     """
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     for r in range(world):
-        if not store.wait_for(f"trainer/{gen}/{r}", max(0.0, deadline - time.monotonic())):
+        if not store.wait_for(keys.trainer(gen, r), max(0.0, deadline - time.monotonic())):
             raise RuntimeError(
                 f"rank {r} of generation {gen} did not start in {LAUNCH_TIMEOUT_S:.0f} s"
             )
@@ -146,9 +147,9 @@ def rendezvous(
     along which the root cuts a restart into phases.
     """
     cfg = job.cfg
-    store = Store.from_address(job.store)
-    store.set_json(f"trainer/{gen}/{rank}", {"pid": os.getpid(), "node": node})
-    plan = store.get_json(f"ctl/plan/{gen}")
+    store = Store.for_job(job)
+    store.set_json(keys.trainer(gen, rank), {"pid": os.getpid(), "node": node})
+    plan = store.get_json(keys.plan(gen))
     device = pick_device(cfg, local_rank)
     me = Rank(job, node, rank, local_rank, gen, job.world_size, device, store, plan)
     wait_for_generation(store, gen, me.world)
@@ -156,7 +157,7 @@ def rendezvous(
     t_rdzv = time.perf_counter()
     dist.init_process_group(
         process_group_backend(device),
-        store=dist.PrefixStore(f"gen{gen}/pg", store.raw),
+        store=dist.PrefixStore(keys.pg_prefix(gen), store.raw),
         rank=rank,
         world_size=me.world,
         timeout=timedelta(seconds=cfg.cluster.collective_timeout_s),
@@ -166,27 +167,35 @@ def rendezvous(
     return me, ready
 
 
-def restore(me: Rank, state: TrainState, backend: CheckpointBackend) -> dict[str, Any]:
-    """Prepare checkpoint memory and, if the plan says so, load the planned step.
+class RetrieveFailed(RuntimeError):
+    """The planned source of this rank's step could not be read."""
+
+    def __init__(self, step: int, source: dict[str, Any], error: Exception) -> None:
+        self.step, self.source = step, source
+        self.error = f"{type(error).__name__}: {error}"
+        super().__init__(f"step {step} from {source}: {self.error}")
+
+    def report(self) -> dict[str, Any]:
+        """What the root needs to exclude this source, and only this one, from its next plan."""
+        return {"step": self.step, "source": self.source, "error": self.error}
+
+
+def restore(state: TrainState, backend: CheckpointBackend, plan: dict[str, Any]) -> dict[str, Any]:
+    """Prepare checkpoint memory and, if the recovery plan says so, load its step.
 
     Returns what the ``ready`` record reports about it (timings, source, bytes).
     """
-    start_step = int(me.plan.get("start_step", 0))
+    start_step = int(plan.get("start_step", 0))
     ready: dict[str, Any] = {"start_step": start_step}
     if backend.enabled:
         ready.update(backend.prepare(state))
     if start_step > 0:
-        source = me.plan["sources"][str(me.rank)]
+        source = plan["sources"][str(state.rank)]
         ready["t_retrieve_start"] = time.time()
         try:
             got = backend.retrieve(start_step, source)
         except Exception as e:
-            # The root excludes this source, and only this one, from its next plan.
-            me.store.set_json(
-                f"restore_failed/{me.gen}/{me.rank}",
-                {"step": start_step, "source": source, "error": f"{type(e).__name__}: {e}"},
-            )
-            raise
+            raise RetrieveFailed(start_step, source, e) from e
         ready["t_retrieve_end"] = time.time()
         t_load = time.perf_counter()
         state.load(got.tensors, got.extra)
@@ -300,7 +309,7 @@ def finish(me: Rank, state: TrainState, backend: CheckpointBackend, reporter: Re
     if last is not None:
         rec = {"step": state.step, "gen": me.gen, "t": time.time(), **_timing_record(last)}
         reporter.put({**rec, "ckpt_stall_s": last.stall_s, "final_wait": True})
-    me.store.set_json(f"final/{me.gen}/{me.rank}", {"digest": state.digest(), "step": state.step})
+    me.store.set_json(keys.final(me.gen, me.rank), {"digest": state.digest(), "step": state.step})
     # Everyone has reported before anyone tears the group down.
     dist.barrier()
 
@@ -315,9 +324,13 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     state = TrainState(cfg, rank, me.world, me.device)
     ctx = BackendContext(job, node, rank, local_rank, me.world, config_hash(cfg), generation=gen)
     backend = make_backend(ctx)
-    ready.update(restore(me, state, backend), t=time.time())
-    me.store.set(f"progress/{rank}", str(state.step))
-    me.store.set_json(f"ready/{gen}/{rank}", ready)
+    try:
+        ready.update(restore(state, backend, me.plan), t=time.time())
+    except RetrieveFailed as e:
+        me.store.set_json(keys.restore_failed(gen, rank), e.report())
+        raise
+    me.store.set(keys.progress(rank), str(state.step))
+    me.store.set_json(keys.ready(gen, rank), ready)
     reporter = Reporter(job, rank, gen)
     cadence = CadenceAgreement(cfg, backend, me.device)
     replay_until = int(me.plan.get("replay_until", 0))

@@ -1,0 +1,168 @@
+"""Every failure kind lands as configured, or the run is refused before it starts.
+
+Fast checks of the injector against a real KV store and real processes (a
+several-node software failure must kill a rank on every node it names), and of
+``validate`` on the combinations that used to inject nothing or crash-loop. The
+end-to-end exactness of each kind is in tests/test_failure_kinds_e2e.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from gemini.cluster import keys
+from gemini.cluster.job import JobSpec
+from gemini.cluster.store import Store
+from gemini.config import ConfigError, GeminiConfig, validate
+from gemini.failures import Injector, schedule_for
+
+
+def config(**failure: object) -> GeminiConfig:
+    cfg = GeminiConfig()
+    cfg.model.name = "gpt_tiny"
+    cfg.cluster.nodes = 4
+    cfg.train.steps = 20
+    cfg.backend.name = "replicated"
+    for k, v in failure.items():
+        setattr(cfg.failure, k, v)
+    return cfg
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    s = Store("127.0.0.1", 0, secrets.token_bytes(32), timeout_s=10.0, master=True)
+    yield s
+    s.raw = None  # type: ignore[assignment]  # closes the server socket
+
+
+@pytest.fixture
+def trainers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One stand-in trainer process per node (they only need to be killable)."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(4)
+    ]
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
+    job = JobSpec(
+        run_id="test",
+        job_dir=str(tmp_path),
+        store=store.address,
+        secret_file="",
+        config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
+    )
+    # Software failures are signals to trainers: no node launcher is involved.
+    return Injector(job, store, cluster=None)  # type: ignore[arg-type]
+
+
+def announce(store: Store, procs: list[subprocess.Popen[bytes]], step: int) -> None:
+    """What generation 0's trainers write when they start, and their progress."""
+    for rank, p in enumerate(procs):
+        store.set_json(keys.trainer(0, rank), {"pid": p.pid, "node": rank})
+        store.set(keys.progress(rank), str(step))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"name": "correlated", "kind": "software", "k": 2, "node": 1, "at_step": 5},
+        {"name": "two_in_group", "kind": "software", "at_step": 5},
+    ],
+    ids=["correlated", "two_in_group"],
+)
+def test_a_software_failure_of_several_nodes_kills_a_rank_on_each(
+    failure: dict[str, object],
+    store: Store,
+    trainers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    cfg = config(**failure)
+    validate(cfg)
+    (event,) = schedule_for(cfg)
+    assert event.kind == "software" and len(event.nodes) == 2
+    injector = injector_for(cfg, store, tmp_path)
+    announce(store, trainers, step=4)
+    injector.tick()
+    assert injector.fired == [], "fired before its step"
+    announce(store, trainers, step=5)
+    injector.tick()
+    assert [f["nodes"] for f in injector.fired] == [list(event.nodes)]
+    for rank, p in enumerate(trainers):
+        if rank in event.nodes:
+            assert p.wait(timeout=10) == -9, f"rank {rank} of a failed node survived"
+        else:
+            assert p.poll() is None, f"rank {rank} of a healthy node was killed"
+
+
+def test_a_software_failure_due_during_a_restart_lands_on_the_next_generation(
+    store: Store, trainers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    cfg = config(name="software_once", node=2, at_step=5)
+    injector = injector_for(cfg, store, tmp_path)
+    for rank in range(4):
+        store.set(keys.progress(rank), "6")
+    injector.tick()  # due, but no trainer of the generation has started yet
+    assert injector.fired == [] and len(injector.pending) == 1
+    announce(store, trainers, step=6)
+    injector.tick()
+    assert len(injector.fired) == 1 and injector.pending == []
+    assert trainers[2].wait(timeout=10) == -9
+
+
+def test_a_kill_during_a_snapshot_is_armed_at_its_step_in_one_trainer(
+    store: Store, tmp_path: Path
+) -> None:
+    cfg = config(name="kill_during_snapshot", node=3, at_step=7)
+    injector_for(cfg, store, tmp_path)
+    arm = store.get_json(keys.inject_arm(3))
+    assert arm["step"] == 7 and arm["kind"] == "kill_during_snapshot"
+    assert not any(store.exists(keys.inject_arm(r)) for r in range(3))
+
+
+def test_a_kill_during_a_snapshot_lands_in_the_next_snapshot_of_a_sparser_cadence() -> None:
+    cfg = config(name="kill_during_snapshot", node=0, at_step=7)
+    cfg.backend.every_n = 4
+    cfg.train.steps = 18
+    validate(cfg)  # snapshot at step 8 is the one interrupted
+    cfg.failure.at_step = 17  # the last snapshot is step 16
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.key == "failure.at_step" and "<= 16" in info.value.fix
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"backend.name": "disk"}, "backend.name"),
+        ({"backend.name": "none"}, "backend.name"),
+        ({"backend.cadence": "checkfreq"}, "backend.cadence"),
+        ({"failure.name": "poisson", "failure.kind": "kill_during_snapshot"}, "failure.kind"),
+        ({"failure.name": "weibull", "failure.kind": "kill_during_snapshot"}, "failure.kind"),
+        ({"failure.name": "correlated", "failure.kind": "kill_during_snapshot"}, "failure.kind"),
+        ({"failure.name": "corruption", "backend.name": "memory"}, "failure.name"),
+        ({"failure.name": "two_in_group", "failure.kind": "corruption"}, "failure.kind"),
+    ],
+)
+def test_a_failure_that_would_inject_nothing_or_crash_loop_is_refused(
+    changes: dict[str, str], key: str
+) -> None:
+    cfg = config(name="kill_during_snapshot", node=0, at_step=5)
+    validate(cfg)
+    for path, value in changes.items():
+        group, name = path.split(".")
+        setattr(getattr(cfg, group), name, value)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.key == key
+    assert "\n" not in str(info.value) and info.value.fix
