@@ -35,9 +35,12 @@ def config(**failure: object) -> GeminiConfig:
     return cfg
 
 
+SECRET = secrets.token_bytes(32)
+
+
 @pytest.fixture
 def store() -> Iterator[Store]:
-    s = Store("127.0.0.1", 0, secrets.token_bytes(32), timeout_s=10.0, master=True)
+    s = Store("127.0.0.1", 0, SECRET, timeout_s=10.0, master=True)
     yield s
     s.raw = None  # type: ignore[assignment]  # closes the server socket
 
@@ -55,11 +58,13 @@ def trainers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
+    secret_file = tmp_path / ".secret"
+    secret_file.write_text(SECRET.hex())
     job = JobSpec(
         run_id="test",
         job_dir=str(tmp_path),
         store=store.address,
-        secret_file="",
+        secret_file=str(secret_file),
         config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
     )
     # Software failures are signals to trainers: no node launcher is involved.
