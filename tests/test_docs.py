@@ -11,8 +11,7 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from gemini.cluster import keys
 from gemini.tracking import metric_names, metric_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,21 +51,38 @@ def test_nothing_points_to_a_design_document_outside_the_repository() -> None:
     assert offenders == [], f"these files still point to DESIGN.md: {offenders}"
 
 
-def documented_keys() -> list[str]:
-    rows = [line for line in section("Store keys").splitlines() if line.startswith("| `")]
-    keys: list[str] = []
-    for row in rows:
-        keys += re.findall(r"`([^`]+)`", row.split("|")[1])
-    return keys
+def documented_keys() -> dict[str, bool]:
+    """Key pattern -> signed, from the table of docs/design.md."""
+    out: dict[str, bool] = {}
+    for row in section("Store keys").splitlines():
+        if not row.startswith("| `"):
+            continue
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        (pattern,) = re.findall(r"`([^`]+)`", cells[0])
+        assert pattern not in out, f"{pattern} is listed twice"
+        out[pattern] = cells[1] == "yes"
+    return out
 
 
 def test_the_store_key_table_lists_exactly_the_declared_keys() -> None:
-    keys = pytest.importorskip("gemini.cluster.keys")
-    declared = [k.pattern for k in keys.TABLE]
+    declared = {k.pattern: k.signed for k in keys.TABLE}
     documented = documented_keys()
-    assert len(documented) == len(set(documented)), "a key is listed twice"
+    assert {k: v for k, v in documented.items() if k in declared} == {
+        k: v for k, v in declared.items() if k in documented
+    }, "the signed column differs from gemini.cluster.keys.TABLE"
     assert sorted(set(declared) - set(documented)) == [], "declared but not documented"
     assert sorted(set(documented) - set(declared)) == [], "documented but not declared"
+
+
+def test_the_store_key_table_says_which_values_are_signed() -> None:
+    rows = [line for line in section("Store keys").splitlines() if line.startswith("| `")]
+    said = {
+        key: row.split("|")[2].strip() == "yes"
+        for row in rows
+        for key in re.findall(r"`([^`]+)`", row.split("|")[1])
+    }
+    wrong = [k.pattern for k in keys.TABLE if said.get(k.pattern) != k.signed]
+    assert wrong == [], f"docs/design.md says otherwise about signing: {wrong}"
 
 
 def test_every_metric_a_job_logs_is_explained_in_the_design_document() -> None:

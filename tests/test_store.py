@@ -31,9 +31,7 @@ def store() -> Iterator[Store]:
 
 def intruder(store: Store) -> dist.TCPStore:
     """A client that knows the address but not the secret."""
-    return dist.TCPStore(
-        store.host, store.port, is_master=False, timeout=timedelta(seconds=10)
-    )
+    return dist.TCPStore(store.host, store.port, is_master=False, timeout=timedelta(seconds=10))
 
 
 def test_a_signed_value_round_trips_and_is_stored_with_its_mac(store: Store) -> None:

@@ -244,13 +244,13 @@ class RootAgent:
         rpn = self.cfg.cluster.ranks_per_node
         deadline = time.monotonic() + timeout_s
         for n in nodes:
-            inc = self.store.get_json_or(f"agent/node{n}", {}).get("incarnation")
+            inc = self.store.get_json_or(keys.agent(n), {}).get("incarnation")
             for src in held_sources(self.cfg, n):
                 for rank in range(src * rpn, (src + 1) * rpn):
-                    if not self.store.exists(f"ckpt/size/{rank}"):
+                    if not self.store.exists(keys.ckpt_size(rank)):
                         continue  # never announced: nothing to allocate yet
                     while (
-                        self.store.get_json_or(f"ckpt/ready/{n}/{rank}", {}).get("incarnation")
+                        self.store.get_json_or(keys.ckpt_ready(n, rank), {}).get("incarnation")
                         != inc
                     ):
                         if time.monotonic() > deadline:
