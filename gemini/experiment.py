@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gemini.cluster import keys
 from gemini.config import ConfigError, GeminiConfig, to_schema, validate
+from gemini.exactness import Verdict, look_up_verdict, run_tags
 from gemini.recovery import PHASES, RECOVERY_METRICS
 from gemini.tracking import tracking_uri, ui_command
 
@@ -121,6 +122,13 @@ class Controller:
         summary = summarize(
             cfg, reports, wall_s, outcome, self.run_id, injector.fired, cluster.replaced
         )
+        verdict = judge_run(cfg, summary)
+        if verdict is not None:
+            summary.update(
+                exact=verdict.exact,
+                exact_reference_run=verdict.reference_run,
+                exact_detail=verdict.detail,
+            )
         (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if reports["recoveries"]:
             from gemini.timeline import draw_timeline
@@ -139,6 +147,7 @@ class Controller:
                 step_metrics=reports["steps"],
                 recoveries=reports["recoveries"],
                 parent=parent_run_id(self.sweep_dir),
+                extra_tags=run_tags(cfg, summary["state_digest"], verdict),
             )
             (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.progress:
@@ -196,6 +205,23 @@ class Controller:
         finally:
             if bar is not None:
                 bar.close()
+
+
+def judge_run(cfg: GeminiConfig, summary: dict[str, Any]) -> Verdict | None:
+    """Whether a run with a failure schedule ended exact (None for a failure-free run).
+
+    The reference is a failure-free run of the same config in the MLflow
+    experiment, so an untracked run cannot be judged.
+    """
+    if cfg.failure.name == "none":
+        return None
+    if not cfg.tracking.enabled:
+        return Verdict("unknown", detail="tracking is off: no reference runs to compare with")
+    from gemini.tracking import mlflow_client
+
+    return look_up_verdict(
+        mlflow_client(cfg), cfg.tracking.experiment, cfg, summary["state_digest"]
+    )
 
 
 def progress(store: Any, world: int) -> int:
@@ -381,6 +407,9 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
         ("checkpoint stall (mean/step)", _fmt(s["ckpt_stall_s"], " s")),
         ("state digest", (s["state_digest"] or "-")[:16]),
     ]
+    if s.get("exact"):
+        verdict = Verdict(s["exact"], s.get("exact_reference_run"), s.get("exact_detail", ""))
+        rows.append(("exact", verdict.describe()))
     if s.get("storage_bandwidth"):
         rows.append(("storage", s["storage_bandwidth"]))
     width = max(len(k) for k, _ in rows)

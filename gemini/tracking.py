@@ -122,6 +122,11 @@ def _mlflow() -> Any:
     return mlflow
 
 
+def mlflow_client(cfg: GeminiConfig) -> Any:
+    """A client of ``cfg``'s tracking store."""
+    return _mlflow().MlflowClient(tracking_uri(cfg))
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside an sqlite store (``<db dir>/mlartifacts``).
 

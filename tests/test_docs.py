@@ -64,7 +64,7 @@ def documented_keys() -> dict[str, bool]:
     return out
 
 
-def test_the_store_key_table_lists_exactly_the_declared_keys() -> None:
+def test_the_store_key_table_lists_exactly_the_declared_keys_and_which_are_signed() -> None:
     declared = {k.pattern: k.signed for k in keys.TABLE}
     documented = documented_keys()
     assert {k: v for k, v in documented.items() if k in declared} == {

@@ -8,6 +8,7 @@ end-to-end exactness of each kind is in tests/test_failure_kinds_e2e.py.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig, validate
@@ -33,9 +35,12 @@ def config(**failure: object) -> GeminiConfig:
     return cfg
 
 
+SECRET = secrets.token_bytes(32)
+
+
 @pytest.fixture
 def store() -> Iterator[Store]:
-    s = Store("127.0.0.1", 0, timeout_s=10.0, master=True)
+    s = Store("127.0.0.1", 0, SECRET, timeout_s=10.0, master=True)
     yield s
     s.raw = None  # type: ignore[assignment]  # closes the server socket
 
@@ -53,11 +58,13 @@ def trainers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
+    secret_file = tmp_path / ".secret"
+    secret_file.write_text(SECRET.hex())
     job = JobSpec(
         run_id="test",
         job_dir=str(tmp_path),
         store=store.address,
-        secret_file="",
+        secret_file=str(secret_file),
         config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
     )
     # Software failures are signals to trainers: no node launcher is involved.
@@ -67,8 +74,8 @@ def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
 def announce(store: Store, procs: list[subprocess.Popen[bytes]], step: int) -> None:
     """What generation 0's trainers write when they start, and their progress."""
     for rank, p in enumerate(procs):
-        store.set_json(f"trainer/0/{rank}", {"pid": p.pid, "node": rank})
-        store.set(f"progress/{rank}", str(step))
+        store.set_json(keys.trainer(0, rank), {"pid": p.pid, "node": rank})
+        store.set(keys.progress(rank), str(step))
 
 
 @pytest.mark.parametrize(
@@ -109,7 +116,7 @@ def test_a_software_failure_due_during_a_restart_lands_on_the_next_generation(
     cfg = config(name="software_once", node=2, at_step=5)
     injector = injector_for(cfg, store, tmp_path)
     for rank in range(4):
-        store.set(f"progress/{rank}", "6")
+        store.set(keys.progress(rank), "6")
     injector.tick()  # due, but no trainer of the generation has started yet
     assert injector.fired == [] and len(injector.pending) == 1
     announce(store, trainers, step=6)
@@ -123,9 +130,9 @@ def test_a_kill_during_a_snapshot_is_armed_at_its_step_in_one_trainer(
 ) -> None:
     cfg = config(name="kill_during_snapshot", node=3, at_step=7)
     injector_for(cfg, store, tmp_path)
-    arm = store.get_json("inject/arm/3")
+    arm = store.get_json(keys.inject_arm(3))
     assert arm["step"] == 7 and arm["kind"] == "kill_during_snapshot"
-    assert not any(store.exists(f"inject/arm/{r}") for r in range(3))
+    assert not any(store.exists(keys.inject_arm(r)) for r in range(3))
 
 
 def test_a_kill_during_a_snapshot_lands_in_the_next_snapshot_of_a_sparser_cadence() -> None:

@@ -6,9 +6,10 @@ with the ``state_digest`` of the failure-free run of the same model, cluster,
 steps and parallelism. Here the failures and layouts that file does not
 cover: a Weibull schedule, a correlated failure of two nodes with three
 replicas, ZeRO's sharded optimizer, two ranks per node, ring and mixed
-placement, and a kill during a snapshot under a cadence that skips the
-armed step. Combinations that cannot be made exact are refused before start
-(tests/test_failure_kinds.py, tests/test_bad_input.py).
+placement, a software failure of two nodes at once, and a kill during a
+snapshot under a cadence that skips the armed step. Combinations that
+cannot be made exact are refused before start (tests/test_failure_kinds.py,
+tests/test_bad_input.py).
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ def test_a_correlated_failure_of_two_nodes_with_three_replicas_recovers_exactly(
     assert sorted(rec["dead_nodes"]) == [0, 1]
     # m=3 on 3 nodes: the survivor holds a copy of every rank's checkpoint.
     assert_restored_from(rec, {0: "peer:2", 1: "peer:2", 2: "local"})
+
+
+@timeout
+def test_a_correlated_software_failure_kills_every_node_s_rank_and_recovers_exactly(
+    reference: References, run_job: RunJob
+) -> None:
+    summary, _ = job(
+        run_job,
+        "backend=memory",
+        "failure=correlated",
+        "failure.kind=software",
+        "failure.k=2",
+        "failure.node=0",
+        f"failure.at_step={AT_STEP}",
+    )
+    assert summary["state_digest"] == reference.digest()
+    assert [f["nodes"] for f in summary["failures_injected"]] == [[0, 1]]
+    rec = only_recovery(summary, "software")
+    assert rec["dead_nodes"] == []
+    # The nodes survive a software failure: each rank reads its own memory.
+    assert rec["source_counts"] == {"local": 2}
 
 
 @pytest.mark.parametrize("placement", ["ring", "mixed"])

@@ -17,7 +17,13 @@ from gemini.checkpoint.backend import BackendContext, make_backend
 from gemini.cluster.job import JobSpec
 from gemini.config import GeminiConfig, ModelConfig
 from gemini.workload.state import TrainState
-from gemini.workload.trainer import CadenceAgreement, pick_device, restore, train_step
+from gemini.workload.trainer import (
+    CadenceAgreement,
+    pick_device,
+    process_group_backend,
+    restore,
+    train_step,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,7 +91,7 @@ def test_a_cuda_rank_restored_from_a_checkpoint_trains_on_to_the_failure_free_st
     # end bitwise where the run that never failed ended.
     job = _disk_job(tmp_path, impl)
     cfg = job.cfg
-    dev = pick_device(cfg, 0)
+    dev = pick_device(cfg, 0, 0)
     assert dev.type == "cuda"
     ctx = BackendContext(job, node=0, rank=0, local_rank=0, world_size=1, config_hash="gpu")
 
@@ -113,3 +119,15 @@ def test_a_cuda_rank_restored_from_a_checkpoint_trains_on_to_the_failure_free_st
     backend.close()
     assert restarted.step == reference.step == cfg.train.steps
     assert restarted.digest() == reference.digest()
+
+
+def test_ranks_take_the_gpus_round_robin_and_use_nccl_only_with_one_each() -> None:
+    n = torch.cuda.device_count()
+    one_rank = _disk_job(Path("/unused"), "fused").cfg
+    one_rank.cluster.nodes = 1
+    assert process_group_backend(one_rank, pick_device(one_rank, 0, 0)) == "nccl"
+    crowded = _disk_job(Path("/unused"), "fused").cfg
+    crowded.cluster.nodes = n + 1  # more ranks on this host than GPUs
+    devices = [pick_device(crowded, r, 0) for r in range(n + 1)]
+    assert [d.index for d in devices] == [*range(n), 0]
+    assert process_group_backend(crowded, devices[0]) == "gloo"

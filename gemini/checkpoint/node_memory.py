@@ -13,7 +13,9 @@ never planned as a source.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gemini.checkpoint.slot import SlotError, SlotSet, shm_name
@@ -23,6 +25,10 @@ if TYPE_CHECKING:
     from gemini.cluster.job import JobSpec
     from gemini.cluster.store import Store
     from gemini.cluster.transport import PutTarget, TransportServer
+
+# Longest a put waits for the same source's previous put to end: past the
+# transport's io timeout, by which that one has finished or been aborted.
+PUT_WAIT_S = 45.0
 
 
 class AgentServices:
@@ -58,8 +64,9 @@ class AgentServices:
 class _SlotTarget:
     """Where one incoming replica lands: a slot of the source's SlotSet."""
 
-    def __init__(self, slots: SlotSet, idx: int, data_len: int) -> None:
+    def __init__(self, slots: SlotSet, idx: int, data_len: int, done: Callable[[], None]) -> None:
         self.slots, self.idx, self.data_len = slots, idx, data_len
+        self._done = done
 
     def buffer(self) -> memoryview:
         return self.slots.data_view(self.idx)
@@ -68,9 +75,11 @@ class _SlotTarget:
         # Chunks were verified on the wire; the content checksums are verified
         # when the root asks for an inventory, before this copy is relied on.
         self.slots.commit_raw(self.idx, manifest_json, verify=False)
+        self._done()
 
     def abort(self, reason: str) -> None:
         self.slots.invalidate(self.idx)
+        self._done()
 
 
 class MemoryServices(AgentServices):
@@ -87,6 +96,12 @@ class MemoryServices(AgentServices):
         self.server: TransportServer | None = None
         self.replicated = cfg.backend.name == "replicated"
         self.incarnation: int | None = None
+        # Puts arrive on one thread per connection. A slot set has one writer
+        # at a time: a source's second put (its trainer reconnected while the
+        # first one's thread still drains a dead connection) waits for the
+        # first to end, or both would pick the same slot.
+        self._put_free = threading.Condition()
+        self._receiving: set[int] = set()
 
     def start(self) -> dict[str, Any]:
         assert self.job is not None
@@ -135,11 +150,20 @@ class MemoryServices(AgentServices):
 
     # -- transport Handler --------------------------------------------------------
     def begin_put(self, source: int, step: int, data_len: int, manifest_len: int) -> PutTarget:
-        slots = self.sets.get(source)
-        if slots is None or self.rank_node.get(source) == self.node:
-            raise SlotError(f"node {self.node} holds no replica slots for rank {source}")
-        idx = slots.begin_write(step, data_len)
-        return _SlotTarget(slots, idx, data_len)
+        with self._put_free:
+            slots = self.sets.get(source)
+            if slots is None or self.rank_node.get(source) == self.node:
+                raise SlotError(f"node {self.node} holds no replica slots for rank {source}")
+            if not self._put_free.wait_for(lambda: source not in self._receiving, PUT_WAIT_S):
+                raise SlotError(f"a put of rank {source} is still being received here")
+            idx = slots.begin_write(step, data_len)
+            self._receiving.add(source)
+        return _SlotTarget(slots, idx, data_len, lambda: self._put_done(source))
+
+    def _put_done(self, source: int) -> None:
+        with self._put_free:
+            self._receiving.discard(source)
+            self._put_free.notify_all()
 
     def get(self, source: int, step: int | None) -> tuple[bytes, memoryview] | None:
         slots = self.sets.get(source)

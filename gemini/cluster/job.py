@@ -60,8 +60,17 @@ class JobSpec:
 
 
 def new_secret_file(job_dir: Path) -> Path:
+    """Create the run's secret file: a new file (never an existing one or a
+    link someone planted), readable by its owner only. Teardown removes it."""
     path = job_dir / ".secret"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path} already exists (a run in this job dir, or one that did not end "
+            "cleanly): the secret is only ever written to a new file; use a new job dir"
+        ) from None
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     return path

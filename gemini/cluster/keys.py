@@ -180,7 +180,13 @@ _C = "controller"
 
 #: Every key the project uses. Order: as in the sections above.
 TABLE: tuple[Key, ...] = (
-    Key("hb/node{i}", False, _A, f"{_R}, {_A}", "heartbeat counter of node i (no clock skew)"),
+    Key(
+        "hb/node{i}",
+        False,
+        _A,
+        f"{_R}, {_A}",
+        "heartbeat counter of node i, compared against the reader's own clock",
+    ),
     Key("hb/root", False, _R, f"{_A}, {_C}", "heartbeat counter of the root agent"),
     Key("agent/node{i}", True, _A, f"{_R}, {_T}", "JSON: pid, transport address, incarnation"),
     Key("agent/node{i}/incarnation", False, _A, _A, "counter: starts of node i's agent"),
@@ -190,9 +196,21 @@ TABLE: tuple[Key, ...] = (
     Key("ctl/stop/{g}", True, _R, _A, "flag: stop generation g's trainers"),
     Key("ctl/done", True, _R, f"{_A}, {_R}", "flag: the job finished"),
     Key("ctl/abort", True, f"{_R}, {_C}", f"{_A}, {_R}", "flag: the job is being torn down"),
-    Key("trainer/{g}/{r}", True, _T, f"{_T}, {_C}", "JSON: pid and node of rank r in generation g"),
+    Key(
+        "trainer/{g}/{r}",
+        True,
+        _T,
+        f"{_T}, {_C}",
+        "JSON: pid and node of rank r in generation g (all awaited before rendezvous)",
+    ),
     Key("exit/{g}/{r}", True, _A, _R, "JSON: exit code of rank r in generation g"),
-    Key("ready/{g}/{r}", True, _T, f"{_R}, {_C}", "JSON: restore timings of rank r in gen g"),
+    Key(
+        "ready/{g}/{r}",
+        True,
+        _T,
+        f"{_R}, {_C}",
+        "JSON: restore milestones and timings of rank r in generation g",
+    ),
     Key("final/{g}/{r}", True, _T, f"{_R}, {_C}", "JSON: final digest and step of rank r"),
     Key("progress/{r}", True, _T, f"{_R}, {_C}", "last completed step of rank r"),
     Key("metrics/{r}", True, _T, _C, "per-step JSON records, one signed line each (appended)"),
@@ -223,7 +241,8 @@ TABLE: tuple[Key, ...] = (
         True,
         _A,
         f"{_T}, {_R}",
-        "JSON: node i allocated rank r's slots (the root waits for a new node's: alloc_s)",
+        "JSON: node i allocated rank r's slots (incarnation, touch time); the root waits for a "
+        "new node's (alloc_s)",
     ),
 )
 

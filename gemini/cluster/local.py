@@ -133,3 +133,5 @@ class LocalCluster:
                 proc.kill()
         psutil.wait_procs(leftovers, timeout=5)
         unlink_prefix(f"gemini-{self.job.run_id}-")
+        # Every process that needed the secret is gone.
+        Path(self.job.secret_file).unlink(missing_ok=True)

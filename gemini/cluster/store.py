@@ -18,8 +18,11 @@ The store is a control plane, so it is guarded like one:
   (the key is bound in, so a value cannot be replayed under another key).
   Appended keys sign each line. A reader treats an unsigned or wrongly signed
   value as absent, logs one line per key it refused, and carries on: a forged
-  value can delay a job (as anyone who reaches the store can, by overwriting
-  a real value), never steer it.
+  value is ignored, never acted on. What a MAC cannot stop is someone who
+  reaches the port overwriting (or ``add``-ing to) a real value: readers then
+  see it as absent, which can stall or end the job but not change its
+  result. Listening on ``cluster.host`` only keeps that to those who can
+  reach that address.
 - Counters (``add``) cannot carry a MAC; ``keys`` says why each one is safe.
 """
 
@@ -61,6 +64,11 @@ def verify(secret: bytes, key: str, value: bytes) -> bytes | None:
     if not hmac.compare_digest(mac, store_mac(secret, key, payload)):
         return None
     return payload
+
+
+def _looks_signed(value: bytes) -> bool:
+    mac, dot, _ = value.partition(b".")
+    return bool(dot) and len(mac) == _MAC_HEX and all(c in b"0123456789abcdef" for c in mac)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -141,7 +149,7 @@ class Store:
         if keys.is_signed(key):
             payload = verify(self.secret, key, data)
             if payload is None:
-                self._refuse(key, "bad signature" if b"." in data else "unsigned")
+                self._refuse(key, "bad signature" if _looks_signed(data) else "unsigned")
                 return None
             data = payload
         return data.decode()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import os
 from typing import Any
 
 import torch
@@ -49,6 +50,22 @@ _ADAMW_KERNELS: dict[str, dict[str, bool]] = {
 def adamw_options(impl: str) -> dict[str, bool]:
     """The ``torch.optim.AdamW`` keyword that selects ``train.optimizer_impl``'s kernel."""
     return dict(_ADAMW_KERNELS[impl])
+
+
+def make_cuda_deterministic() -> None:
+    """Make CUDA kernels bitwise repeatable, which exact recovery relies on.
+
+    Some CUDA kernels reduce in an order that varies from run to run (atomic
+    adds in backward passes, cuBLAS split reductions with several
+    workspaces): a restored run would then differ from the uninterrupted one
+    for no fault of the checkpoint. cuBLAS reads its workspace setting when
+    it creates a handle, at the first matmul, so this must run before any.
+    Kernels with no deterministic version warn instead of failing; the
+    digest comparisons are what prove a run exact.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def place_optimizer_state(
@@ -85,6 +102,8 @@ class TrainState:
 
     def __init__(self, cfg: GeminiConfig, rank: int, world_size: int, device: torch.device) -> None:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        if device.type == "cuda":
+            make_cuda_deterministic()
         t = cfg.train
         self.module: nn.Module = build_model(cfg.model, t.seed).to(device)
         self.params = list(self.module.parameters())

@@ -85,18 +85,36 @@ def _json_line(record: dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-def pick_device(cfg: GeminiConfig, local_rank: int) -> torch.device:
-    """The device this rank trains on: ``cluster.device``, or CUDA under ``auto`` when present."""
+def ranks_per_host(cfg: GeminiConfig) -> int:
+    """Ranks that share one host's devices: with ``launcher=local`` every node is on this host."""
+    c = cfg.cluster
+    return c.nodes * c.ranks_per_node if c.launcher == "local" else c.ranks_per_node
+
+
+def pick_device(cfg: GeminiConfig, rank: int, local_rank: int) -> torch.device:
+    """The device this rank trains on: ``cluster.device``, or CUDA under ``auto`` when present.
+
+    Ranks of one host take its GPUs round-robin (the simulated nodes of the
+    local launcher all share this host's, so they count by global rank).
+    """
     want = cfg.cluster.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
+        slot = rank if cfg.cluster.launcher == "local" else local_rank
+        torch.cuda.set_device(slot % max(1, torch.cuda.device_count()))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def process_group_backend(device: torch.device) -> str:
-    """The collective library for ranks on ``device``: NCCL between GPUs, gloo on CPUs."""
-    return "nccl" if device.type == "cuda" else "gloo"
+def process_group_backend(cfg: GeminiConfig, device: torch.device) -> str:
+    """The collective library: NCCL when every rank has a GPU of its own, else gloo.
+
+    NCCL refuses two ranks on one GPU, which is what a simulated cluster on a
+    one-GPU host has; gloo reduces CUDA tensors too (through host memory), so
+    such a job still runs, only its collectives are slower.
+    """
+    if device.type == "cuda" and ranks_per_host(cfg) <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
 
 
 # How long the ranks of a generation may take to start (a cold interpreter on a
@@ -150,13 +168,13 @@ def rendezvous(
     store = Store.for_job(job)
     store.set_json(keys.trainer(gen, rank), {"pid": os.getpid(), "node": node})
     plan = store.get_json(keys.plan(gen))
-    device = pick_device(cfg, local_rank)
+    device = pick_device(cfg, rank, local_rank)
     me = Rank(job, node, rank, local_rank, gen, job.world_size, device, store, plan)
     wait_for_generation(store, gen, me.world)
     t_rdzv_start = time.time()
     t_rdzv = time.perf_counter()
     dist.init_process_group(
-        process_group_backend(device),
+        process_group_backend(cfg, device),
         store=dist.PrefixStore(keys.pg_prefix(gen), store.raw),
         rank=rank,
         world_size=me.world,
