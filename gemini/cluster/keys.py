@@ -272,7 +272,8 @@ TABLE: tuple[Key, ...] = (
         True,
         _A,
         f"{_T}, {_R}",
-        "JSON: node i allocated rank r's slots (the root waits for a new node's: alloc_s)",
+        "JSON: node i allocated rank r's slots (incarnation, touch time); the root waits for a "
+        "new node's (alloc_s)",
     ),
 )
 
