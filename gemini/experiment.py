@@ -84,6 +84,8 @@ class Controller:
     ) -> None:
         self.cfg, self.job_dir, self.sweep_dir, self.job_name = cfg, job_dir, sweep_dir, job_name
         self.run_id = uuid.uuid4().hex[:10]
+        self.reason = ""
+        """Why the job ended as it did, as the controller saw it (e.g. the root vanished)."""
 
     def run(self) -> dict[str, Any]:
         from gemini.checkpoint.preflight import preflight
@@ -120,7 +122,14 @@ class Controller:
             reports = collect(store, job.world_size)
             cluster.teardown()
         summary = summarize(
-            cfg, reports, wall_s, outcome, self.run_id, injector.fired, cluster.replaced
+            cfg,
+            reports,
+            wall_s,
+            outcome,
+            self.run_id,
+            injector.fired,
+            cluster.replaced,
+            reason=self.reason,
         )
         verdict = judge_run(cfg, summary)
         if verdict is not None:
@@ -199,7 +208,10 @@ class Controller:
                 elif now - root_seen > root_grace:
                     # No root and no successor (an election takes a few
                     # missed beats plus a start-up): stop rather than hang.
-                    self.reason = "the root agent is gone and none was elected"
+                    self.reason = (
+                        f"the root agent stopped beating {now - root_seen:.0f} s ago and no "
+                        f"new root was elected (see {self.job_dir / 'logs'}/root*.log)"
+                    )
                     return "error"
                 time.sleep(0.1)
         finally:
@@ -352,7 +364,10 @@ def summarize(
     run_id: str,
     fired: list[dict[str, Any]],
     replaced: list[tuple[int, float]],
+    reason: str = "",
 ) -> dict[str, Any]:
+    """The job's ``summary.json``; ``reason`` is the controller's word on how it ended,
+    used when the root left none (a root that vanished writes no result)."""
     steps = reports["steps"]
     # The first steps pay for lazy allocation and warm caches; a run mean of
     # steady state is what overhead comparisons need.
@@ -365,7 +380,7 @@ def summarize(
     ckpt_rows = [s for s in steps if "ckpt_local_s" in s]
     summary: dict[str, Any] = {
         "outcome": outcome,
-        "reason": reports["root"].get("reason", ""),
+        "reason": reports["root"].get("reason") or reason,
         "run_id": run_id,
         "steps": steps[-1]["step"] if steps else 0,
         "wall_s": wall_s,
@@ -414,6 +429,7 @@ def _fmt(v: Any, unit: str = "") -> str:
 def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[str, Any]]) -> None:
     rows = [
         ("outcome", s["outcome"]),
+        *([("reason", s["reason"])] if s.get("reason") else []),
         ("model / parallel", f"{cfg.model.name} / {cfg.train.parallel}"),
         ("cluster", f"{cfg.cluster.nodes} nodes x {cfg.cluster.ranks_per_node} ranks (local)"),
         (

@@ -64,7 +64,7 @@ def documented_keys() -> dict[str, bool]:
     return out
 
 
-def test_the_store_key_table_lists_exactly_the_declared_keys() -> None:
+def test_the_store_key_table_lists_exactly_the_declared_keys_and_which_are_signed() -> None:
     declared = {k.pattern: k.signed for k in keys.TABLE}
     documented = documented_keys()
     assert {k: v for k, v in documented.items() if k in declared} == {
@@ -72,17 +72,6 @@ def test_the_store_key_table_lists_exactly_the_declared_keys() -> None:
     }, "the signed column differs from gemini.cluster.keys.TABLE"
     assert sorted(set(declared) - set(documented)) == [], "declared but not documented"
     assert sorted(set(documented) - set(declared)) == [], "documented but not declared"
-
-
-def test_the_store_key_table_says_which_values_are_signed() -> None:
-    rows = [line for line in section("Store keys").splitlines() if line.startswith("| `")]
-    said = {
-        key: row.split("|")[2].strip() == "yes"
-        for row in rows
-        for key in re.findall(r"`([^`]+)`", row.split("|")[1])
-    }
-    wrong = [k.pattern for k in keys.TABLE if said.get(k.pattern) != k.signed]
-    assert wrong == [], f"docs/design.md says otherwise about signing: {wrong}"
 
 
 def test_every_metric_a_job_logs_is_explained_in_the_design_document() -> None:
