@@ -154,6 +154,16 @@ class FailureConfig:
     """poisson/weibull: most events in one run."""
     seed: int | None = None
     """Schedule seed (None = train.seed): one seed, one schedule."""
+    then: str = "none"
+    """A second failure once the schedule's last one has been recovered from:
+    ``none``, ``software``, ``hardware`` or ``kill_during_snapshot``. It fires
+    ``then_after_steps`` steps after the step that recovery restored, i.e. on
+    the new timeline right after a rollback, while copies of the abandoned one
+    could still be around."""
+    then_node: int | None = None
+    """``then``: the node it hits (None = seeded-random)."""
+    then_after_steps: int = 2
+    """``then``: steps trained after the restored step before it fires (>= 1)."""
 
 
 @dataclass
@@ -233,6 +243,8 @@ BACKENDS = ("none", "disk", "memory", "replicated")
 PARALLELS = ("ddp", "zero")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 DEVICES = ("auto", "cpu", "cuda")
+THEN_KINDS = ("none", "software", "hardware", "kill_during_snapshot")
+"""What ``failure.then`` may be: the kinds that hit a node of the restored job."""
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -332,6 +344,28 @@ def check_values(cfg: GeminiConfig) -> None:
         )
     if b.bandwidth_gbps < 0:
         raise ConfigError("backend.bandwidth_gbps", b.bandwidth_gbps, "must be >= 0 (0 = no cap)")
+    f = cfg.failure
+    _choice("failure.then", f.then, THEN_KINDS)
+    if f.then != "none":
+        if f.name in ("none", "poisson", "weibull"):
+            raise ConfigError(
+                "failure.then",
+                f.then,
+                f"follows a one-off failure; failure={f.name} has none: use e.g. "
+                "failure=hardware_once, or failure.then=none",
+            )
+        _at_least("failure.then_after_steps", f.then_after_steps, 1, "must be >= 1")
+        if f.then_node is not None and not 0 <= f.then_node < c.nodes:
+            raise ConfigError(
+                "failure.then_node", f.then_node, f"use a node index in [0, {c.nodes - 1}]"
+            )
+        if f.then == "kill_during_snapshot" and b.name not in ("memory", "replicated"):
+            raise ConfigError(
+                "failure.then",
+                f.then,
+                f"backend={b.name} writes no in-memory snapshot to interrupt: "
+                "use backend=memory or backend=replicated",
+            )
     r = b.replication
     # two_in_group picks its pair from the placement, whatever the backend.
     if b.name == "replicated" or cfg.failure.name == "two_in_group":
@@ -403,7 +437,8 @@ def dry_run(cfg: GeminiConfig) -> None:
                 "(or failure.kind=hardware for several nodes at once)",
             )
     if "kill_during_snapshot" in kinds:
-        _check_kill_during_snapshot(cfg, events, key, value)
+        kills = [e for e in events if e.kind == "kill_during_snapshot"]
+        _check_kill_during_snapshot(cfg, kills, key, value)
 
 
 def _check_kill_during_snapshot(cfg: GeminiConfig, events: list[Any], key: str, value: Any) -> None:

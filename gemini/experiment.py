@@ -84,6 +84,8 @@ class Controller:
     ) -> None:
         self.cfg, self.job_dir, self.sweep_dir, self.job_name = cfg, job_dir, sweep_dir, job_name
         self.run_id = uuid.uuid4().hex[:10]
+        self.reason = ""
+        """Why the job ended as it did, as the controller saw it (e.g. the root vanished)."""
 
     def run(self) -> dict[str, Any]:
         from gemini.checkpoint.preflight import preflight
@@ -120,7 +122,14 @@ class Controller:
             reports = collect(store, job.world_size)
             cluster.teardown()
         summary = summarize(
-            cfg, reports, wall_s, outcome, self.run_id, injector.fired, cluster.replaced
+            cfg,
+            reports,
+            wall_s,
+            outcome,
+            self.run_id,
+            injector.fired,
+            cluster.replaced,
+            reason=self.reason,
         )
         verdict = judge_run(cfg, summary)
         if verdict is not None:
@@ -199,7 +208,10 @@ class Controller:
                 elif now - root_seen > root_grace:
                     # No root and no successor (an election takes a few
                     # missed beats plus a start-up): stop rather than hang.
-                    self.reason = "the root agent is gone and none was elected"
+                    self.reason = (
+                        f"the root agent stopped beating {now - root_seen:.0f} s ago and no "
+                        f"new root was elected (see {self.job_dir / 'logs'}/root*.log)"
+                    )
                     return "error"
                 time.sleep(0.1)
         finally:
@@ -230,36 +242,60 @@ def progress(store: Any, world: int) -> int:
 
 
 def collect(store: Any, world: int) -> dict[str, Any]:
-    """Everything the ranks and the root reported through the store."""
-    per_rank = {r: store.read_lines(keys.metrics(r)) for r in range(world)}
+    """Everything the ranks and the root reported through the store (see :func:`merge_reports`)."""
     gen = int(store.get_json_or(keys.GEN, 0))
-    finals = {r: store.get_json_or(keys.final(gen, r)) for r in range(world)}
-    readies = {r: store.get_json_or(keys.ready(gen, r)) for r in range(world)}
-    recoveries = [rec for _, rec in store.items(keys.RECOVERY)]
+    return merge_reports(
+        per_rank={r: store.read_lines(keys.metrics(r)) for r in range(world)},
+        finals={r: store.get_json_or(keys.final(gen, r)) for r in range(world)},
+        readies={r: store.get_json_or(keys.ready(gen, r)) for r in range(world)},
+        recoveries=[rec for _, rec in store.items(keys.RECOVERY)],
+        gen=gen,
+        root=store.get_json_or(keys.ROOT_RESULT, {}),
+    )
+
+
+# Per-step metrics averaged over ranks in a step's row (bytes are summed).
+STEP_MEANS = (
+    "iter_time_s",
+    "ckpt_stall_s",
+    "loss",
+    "ckpt_local_s",
+    "ckpt_replicate_s",
+    "ckpt_persist_s",
+    "ckpt_time_s",
+)
+
+
+def merge_reports(
+    *,
+    per_rank: dict[int, list[dict[str, Any]]],
+    finals: dict[int, Any],
+    readies: dict[int, Any],
+    recoveries: list[dict[str, Any]],
+    gen: int,
+    root: dict[str, Any],
+) -> dict[str, Any]:
+    """The job's reports: one row per step over all ranks, and the recoveries' wasted time.
+
+    ``per_rank`` is each rank's per-step records in the order it sent them;
+    a rank's ``final_wait`` record (the last checkpoint, waited for after the
+    loop) is kept apart in ``final_waits``.
+    """
     # A step replayed after a recovery is reported again: the last report of
     # each step is the timeline that produced the final state.
     by_step: dict[int, list[dict[str, Any]]] = {}
     for r, recs in per_rank.items():
         latest: dict[int, dict[str, Any]] = {}
         for rec in recs:
-            if rec.get("final_wait"):
-                continue
-            latest[int(rec["step"])] = rec
+            if not rec.get("final_wait"):
+                latest[int(rec["step"])] = rec
         for s, rec in latest.items():
             by_step.setdefault(s, []).append({**rec, "rank": r})
     steps = []
     for s in sorted(by_step):
         recs = by_step[s]
         row: dict[str, Any] = {"step": s, "t": max(r["t"] for r in recs)}
-        for k in (
-            "iter_time_s",
-            "ckpt_stall_s",
-            "loss",
-            "ckpt_local_s",
-            "ckpt_replicate_s",
-            "ckpt_persist_s",
-            "ckpt_time_s",
-        ):
+        for k in STEP_MEANS:
             vals = [r[k] for r in recs if k in r]
             if vals:
                 row[k] = mean(vals)
@@ -267,30 +303,32 @@ def collect(store: Any, world: int) -> dict[str, Any]:
             row["ckpt_bytes"] = sum(r.get("ckpt_bytes", 0) for r in recs)
         row["throughput_samples_s"] = mean(r["throughput_samples_s"] for r in recs)
         steps.append(row)
-    finals_tail = [rec for recs in per_rank.values() for rec in recs if rec.get("final_wait")]
-    add_wasted(recoveries, per_rank)
     return {
         "steps": steps,
         "finals": finals,
         "readies": readies,
-        "recoveries": recoveries,
+        "recoveries": add_wasted(recoveries, per_rank),
         "gen": gen,
-        "final_waits": finals_tail,
-        "root": store.get_json_or(keys.ROOT_RESULT, {}),
+        "final_waits": [rec for recs in per_rank.values() for rec in recs if rec.get("final_wait")],
+        "root": root,
     }
 
 
-def add_wasted(recoveries: list[dict[str, Any]], per_rank: dict[int, list[dict[str, Any]]]) -> None:
-    """``wasted_s`` = ``recovery_s`` + the checkpoint stalls paid since the previous failure.
+def add_wasted(
+    recoveries: list[dict[str, Any]], per_rank: dict[int, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The recoveries (copies, in their order) with ``ckpt_stall_since_last_s`` and ``wasted_s``.
 
-    Stalls are averaged over ranks (they train in lock-step) and summed over
-    every executed step in the window, replayed ones included: that is time
-    the job spent on checkpoints that this failure then made worthless or
-    that bought its recovery.
+    ``wasted_s`` = ``recovery_s`` + the checkpoint stalls paid since the
+    previous failure. Stalls are averaged over ranks (they train in
+    lock-step) and summed over every executed step in the window, replayed
+    ones included: that is time the job spent on checkpoints that this
+    failure then made worthless or that bought its recovery.
     """
+    out = [dict(rec) for rec in recoveries]
     start = 0.0
     world = max(1, len(per_rank))
-    for rec in sorted(recoveries, key=lambda r: float(r.get("t_inject", 0.0))):
+    for rec in sorted(out, key=lambda r: float(r.get("t_inject", 0.0))):
         t_inj = float(rec.get("t_inject", 0.0))
         stall = (
             sum(
@@ -305,6 +343,7 @@ def add_wasted(recoveries: list[dict[str, Any]], per_rank: dict[int, list[dict[s
         if isinstance(rec.get("recovery_s"), (int, float)):
             rec["wasted_s"] = float(rec["recovery_s"]) + stall
         start = t_inj
+    return out
 
 
 def state_digest(finals: dict[int, Any]) -> str | None:
@@ -325,7 +364,10 @@ def summarize(
     run_id: str,
     fired: list[dict[str, Any]],
     replaced: list[tuple[int, float]],
+    reason: str = "",
 ) -> dict[str, Any]:
+    """The job's ``summary.json``; ``reason`` is the controller's word on how it ended,
+    used when the root left none (a root that vanished writes no result)."""
     steps = reports["steps"]
     # The first steps pay for lazy allocation and warm caches; a run mean of
     # steady state is what overhead comparisons need.
@@ -338,7 +380,7 @@ def summarize(
     ckpt_rows = [s for s in steps if "ckpt_local_s" in s]
     summary: dict[str, Any] = {
         "outcome": outcome,
-        "reason": reports["root"].get("reason", ""),
+        "reason": reports["root"].get("reason") or reason,
         "run_id": run_id,
         "steps": steps[-1]["step"] if steps else 0,
         "wall_s": wall_s,
@@ -387,6 +429,7 @@ def _fmt(v: Any, unit: str = "") -> str:
 def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[str, Any]]) -> None:
     rows = [
         ("outcome", s["outcome"]),
+        *([("reason", s["reason"])] if s.get("reason") else []),
         ("model / parallel", f"{cfg.model.name} / {cfg.train.parallel}"),
         ("cluster", f"{cfg.cluster.nodes} nodes x {cfg.cluster.ranks_per_node} ranks (local)"),
         (

@@ -63,6 +63,9 @@ def schedule_for(cfg: GeminiConfig) -> list[FailureEvent]:
         horizon_s=f.mtbf_s * (f.max_events + 1) if f.name in ("poisson", "weibull") else None,
         group_of=group_of,
         rank_in_node=f.rank_in_node,
+        then=f.then,
+        then_node=f.then_node,
+        then_after_steps=f.then_after_steps,
     )
 
 
@@ -74,12 +77,49 @@ class Injector:
         self.pending = list(enumerate(self.events))
         self.fired: list[dict[str, Any]] = []
         self.t_start: float | None = None
-        rpn = job.cfg.cluster.ranks_per_node
         for i, ev in self.pending:
-            if ev.kind == "kill_during_snapshot":
-                rank = ev.nodes[0] * rpn + ev.rank_in_node
-                store.set_json(keys.inject_arm(rank), {"id": i, "step": ev.at_step, **ev.to_dict()})
-        self.pending = [(i, ev) for i, ev in self.pending if ev.kind != "kill_during_snapshot"]
+            if ev.kind == "kill_during_snapshot" and not ev.after_recovery:
+                self.arm(i, ev)
+        self.pending = [
+            (i, ev)
+            for i, ev in self.pending
+            if ev.kind != "kill_during_snapshot" or ev.after_recovery
+        ]
+
+    def arm(self, idx: int, ev: FailureEvent, after_gen: int | None = None) -> None:
+        """kill_during_snapshot fires in the trainer, the only one that knows when
+        it is half-way through a copy: tell it which step (and from which
+        generation on, for a follow-up)."""
+        rank = ev.nodes[0] * self.job.cfg.cluster.ranks_per_node + ev.rank_in_node
+        self.store.set_json(
+            keys.inject_arm(rank),
+            {"id": idx, "step": ev.at_step, "after_gen": after_gen, **ev.to_dict()},
+        )
+
+    def fired_in(self, idx: int) -> int | None:
+        """The generation in which event ``idx`` fired (None: not yet)."""
+        for _, rec in self.store.items(keys.INJECT):
+            if rec.get("id") == idx:
+                return int(rec.get("gen", 0))
+        return None
+
+    def follow_up_due(self, idx: int, ev: FailureEvent) -> bool:
+        """A follow-up is due ``at_step`` steps after the restore that recovered the event
+        before it; a kill_during_snapshot follow-up is armed for the restored generation."""
+        fired = self.fired_in(idx - 1)
+        if fired is None:
+            return False
+        if ev.kind == "kill_during_snapshot":
+            self.pending.remove((idx, ev))
+            self.arm(idx, ev, after_gen=fired)
+            return False
+        gen = int(self.store.get_json_or(keys.GEN, 0))
+        world = self.job.world_size
+        if gen <= fired or not all(self.store.exists(keys.ready(gen, r)) for r in range(world)):
+            return False
+        start = int(self.store.get_json(keys.plan(gen)).get("start_step", 0))
+        assert ev.at_step is not None
+        return self.progress() >= start + ev.at_step
 
     def progress(self) -> int:
         world = self.job.world_size
@@ -92,17 +132,27 @@ class Injector:
         if step > 0 and self.t_start is None:
             self.t_start = time.time()
         for i, ev in list(self.pending):
-            due = (ev.at_step is not None and step >= ev.at_step) or (
-                ev.at_time_s is not None
-                and self.t_start is not None
-                and time.time() - self.t_start >= ev.at_time_s
-            )
+            if ev.after_recovery:
+                due = self.follow_up_due(i, ev)
+            else:
+                due = (ev.at_step is not None and step >= ev.at_step) or (
+                    ev.at_time_s is not None
+                    and self.t_start is not None
+                    and time.time() - self.t_start >= ev.at_time_s
+                )
             if due and self.fire(i, ev, step):
                 self.pending.remove((i, ev))
 
     def fire(self, idx: int, ev: FailureEvent, step: int) -> bool:
         """Inject ``ev`` now; False if it cannot land yet (tried again next tick)."""
-        record = {"id": idx, **ev.to_dict(), "t": time.time(), "step": step, "what": ev.describe()}
+        record = {
+            "id": idx,
+            **ev.to_dict(),
+            "t": time.time(),
+            "step": step,
+            "gen": int(self.store.get_json_or(keys.GEN, 0)),
+            "what": ev.describe(),
+        }
         rpn = self.job.cfg.cluster.ranks_per_node
         if ev.kind == "software":
             # Every node of the event loses its rank: a correlated or

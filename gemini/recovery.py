@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemini.lineage import Timeline
+
 PHASES = (
     "detect_s",
     "teardown_s",
@@ -100,6 +102,11 @@ def restart_phases(
     }
 
 
+Held = int | tuple[int, int]
+"""One checkpoint in an inventory: ``(step, generation)``, or a bare step of
+unknown generation (held to every plan of the timeline, as generation 0)."""
+
+
 @dataclass
 class Plan:
     """The outcome of planning one recovery."""
@@ -107,9 +114,13 @@ class Plan:
     step: int
     """Common step every rank restores (0 = restart from scratch)."""
     sources: dict[int, dict[str, Any]] = field(default_factory=dict)
-    """Per rank: ``{"kind": "local"|"peer"|"storage", "node": holder node}``."""
+    """Per rank: ``{"kind": "local"|"peer"|"storage", "node": holder node,
+    "generation": the generation that wrote the copy}``."""
     reason: str = ""
     """Why this step: printed and recorded."""
+    lost_steps: int | None = None
+    """Steps of the current timeline given up (failed step - this step), when
+    the failed step was given."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,44 +136,92 @@ class Plan:
         return out
 
 
+def _tagged(held: Held) -> tuple[int, int]:
+    if isinstance(held, tuple):
+        step, gen = held
+        return int(step), int(gen)
+    return int(held), 0
+
+
+def newest_on_timeline(
+    memory: Mapping[int, Mapping[int, Iterable[Held]]],
+    storage: Iterable[Held],
+    timeline: Timeline | None = None,
+) -> int:
+    """The newest step any copy on the current timeline holds (0 if none).
+
+    A checkpoint of the current timeline proves the timeline reached its
+    step, even if the rank's last progress report had not yet said so.
+    """
+    line = timeline or Timeline()
+    held = [c for per in memory.values() for steps in per.values() for c in map(_tagged, steps)]
+    held += [_tagged(c) for c in storage]
+    return max((s for s, g in held if line.valid(s, g)), default=0)
+
+
 def plan_recovery(
     rank_node: Mapping[int, int],
-    memory: Mapping[int, Mapping[int, Iterable[int]]],
-    storage: Iterable[int],
+    memory: Mapping[int, Mapping[int, Iterable[Held]]],
+    storage: Iterable[Held],
     excluded: Iterable[tuple[int, int, str, int]] = (),
+    *,
+    failed_step: int | None = None,
+    timeline: Timeline | None = None,
 ) -> Plan:
     """Choose the common step and a source per rank.
 
     ``rank_node``: node of every rank. ``memory``: for every *live* node with
-    its memory intact, the verified complete steps it holds per source rank
-    (its own ranks' local slots and the replicas it holds for others).
-    ``storage``: steps complete on persistent storage for every rank.
+    its memory intact, the verified complete checkpoints it holds per source
+    rank (its own ranks' local slots and the replicas it holds for others).
+    ``storage``: checkpoints complete on persistent storage for every rank.
     ``excluded``: (rank, step, kind, node) sources that already failed a
     retrieval, to skip on a re-plan.
+
+    ``failed_step``: the last step the current timeline reached; no step above
+    it is ever chosen. ``timeline``: the plans so far; a checkpoint off the
+    current timeline (:meth:`Timeline.valid`) is never chosen, whatever its step.
     """
     bad = set(excluded)
-    stored = set(storage)
+    line = timeline or Timeline()
+
+    def usable(step: int, gen: int) -> bool:
+        return (failed_step is None or step <= failed_step) and line.valid(step, gen)
+
+    stored = [c for c in map(_tagged, storage) if usable(*c)]
     candidates: dict[int, dict[int, list[dict[str, Any]]]] = {r: {} for r in rank_node}
     for holder, per_source in memory.items():
-        for rank, steps in per_source.items():
+        for rank, held in per_source.items():
             if rank not in candidates:
                 continue
             kind = "local" if rank_node[rank] == holder else "peer"
-            for s in steps:
-                if (rank, s, kind, holder) not in bad:
-                    candidates[rank].setdefault(s, []).append({"kind": kind, "node": holder})
+            for s, gen in map(_tagged, held):
+                if (rank, s, kind, holder) not in bad and usable(s, gen):
+                    candidates[rank].setdefault(s, []).append(
+                        {"kind": kind, "node": holder, "generation": gen}
+                    )
     for rank in candidates:
-        for s in stored:
+        for s, gen in stored:
             if (rank, s, "storage", -1) not in bad:
-                candidates[rank].setdefault(s, []).append({"kind": "storage", "node": -1})
+                candidates[rank].setdefault(s, []).append(
+                    {"kind": "storage", "node": -1, "generation": gen}
+                )
+
+    def lost(step: int) -> int | None:
+        if failed_step is None:
+            return None
+        if step > failed_step:  # usable() makes this impossible
+            raise AssertionError(f"planned step {step} is past the failed step {failed_step}")
+        return failed_step - step
+
     if not candidates:
-        return Plan(0, {}, "no ranks")
+        return Plan(0, {}, "no ranks", lost(0))
     common = set.intersection(*(set(c) for c in candidates.values()))
     if not common:
         return Plan(
             0,
             {r: {"kind": "scratch", "node": -1} for r in rank_node},
             "no step has every rank's checkpoint: restarting from step 0",
+            lost(0),
         )
     step = max(common)
     order = {"local": 0, "peer": 1, "storage": 2}
@@ -172,5 +231,8 @@ def plan_recovery(
         sources[rank] = options[0]
     kinds = sorted({s["kind"] for s in sources.values()})
     return Plan(
-        step, sources, f"newest step with every rank available: {step} (from {', '.join(kinds)})"
+        step,
+        sources,
+        f"newest step with every rank available: {step} (from {', '.join(kinds)})",
+        lost(step),
     )

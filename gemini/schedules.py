@@ -88,6 +88,9 @@ class FailureEvent:
     """Fire this many seconds after training starts, or None."""
     rank_in_node: int = 0
     """software failures: the local rank that is killed."""
+    after_recovery: bool = False
+    """Fire only once the event before it has been recovered from; ``at_step``
+    then counts the steps trained after the step that recovery restored."""
 
     def __post_init__(self) -> None:
         if self.kind not in FAILURE_KINDS:
@@ -116,6 +119,10 @@ class FailureEvent:
             )
         if self.rank_in_node < 0:
             raise ScheduleError("failure.rank_in_node", self.rank_in_node, "must be >= 0")
+        if self.after_recovery and self.at_step is None:
+            raise ScheduleError(
+                "failure.then_after_steps", self.at_step, "a follow-up failure counts steps"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (nodes as a list); :meth:`from_dict` inverts it."""
@@ -125,6 +132,7 @@ class FailureEvent:
             "at_step": self.at_step,
             "at_time_s": self.at_time_s,
             "rank_in_node": self.rank_in_node,
+            "after_recovery": self.after_recovery,
         }
 
     @classmethod
@@ -136,6 +144,7 @@ class FailureEvent:
             at_step=d.get("at_step"),
             at_time_s=d.get("at_time_s"),
             rank_in_node=int(d.get("rank_in_node", 0)),
+            after_recovery=bool(d.get("after_recovery", False)),
         )
 
     def describe(self) -> str:
@@ -151,6 +160,8 @@ class FailureEvent:
         when = (
             f"at step {self.at_step}" if self.at_step is not None else f"at {self.at_time_s:.1f} s"
         )
+        if self.after_recovery:
+            when = f"{self.at_step} steps after the previous recovery's restored step"
         return f"{self.kind} {where} {when}"
 
 
@@ -257,7 +268,48 @@ def _arrivals(
     return events
 
 
+THEN_KINDS = ("software", "hardware", "kill_during_snapshot")
+"""Kinds of a follow-up failure (``then``): they hit one node of the restored job."""
+
+
 def build_schedule(
+    name: str,
+    *,
+    then: str | None = None,
+    then_node: int | None = None,
+    then_after_steps: int = 2,
+    **kw: Any,
+) -> list[FailureEvent]:
+    """The failure schedule ``name`` (see :func:`base_schedule`), then an optional follow-up.
+
+    ``then`` (one of :data:`THEN_KINDS`, or None) adds one failure of that kind
+    on ``then_node`` (None = drawn) that fires ``then_after_steps`` steps after
+    the step restored by the recovery from the schedule's last event: right
+    after a rollback, on the new timeline. Its node is drawn after every other
+    choice, so adding it leaves the rest of the schedule as it was.
+    """
+    events = base_schedule(name, **kw)
+    if then is None or then == "none":
+        return events
+    if then not in THEN_KINDS:
+        raise ScheduleError("failure.then", then, f"use none or one of {', '.join(THEN_KINDS)}")
+    if not events or name in ("poisson", "weibull"):
+        raise ScheduleError(
+            "failure.then", then, f"follows a one-off failure; failure={name} has none"
+        )
+    if not _is_int(then_after_steps) or then_after_steps < 1:
+        raise ScheduleError("failure.then_after_steps", then_after_steps, "must be >= 1")
+    nodes = int(kw["nodes"])
+    if then_node is not None:
+        _check_node(then_node, nodes)
+    rng = random.Random(f"then-{kw['seed']}")
+    node = _pick_node(rng, nodes, then_node)
+    rank = int(kw.get("rank_in_node", 0)) if then == "software" else 0
+    follow = FailureEvent(then, (node,), then_after_steps, None, rank, after_recovery=True)
+    return [*events, follow]
+
+
+def base_schedule(
     name: str,
     *,
     nodes: int,

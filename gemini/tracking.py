@@ -266,7 +266,11 @@ def record_job(
     metrics = [Metric(*row) for row in metric_rows(step_metrics, recoveries, summary)]
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
-    client.log_batch(rid, tags=[RunTag("outcome", str(summary.get("outcome", "")))])
+    run_tags = [RunTag("outcome", str(summary.get("outcome", "")))]
+    if summary.get("reason"):
+        # MLflow caps tag values; the whole reason is in summary.json.
+        run_tags.append(RunTag("reason", str(summary["reason"])[:5000]))
+    client.log_batch(rid, tags=run_tags)
     for name in (".hydra", "summary.json", "logs"):
         path = job_dir / name
         if path.is_dir():

@@ -189,6 +189,24 @@ def _set(path: str, value: object) -> Callable[[GeminiConfig], None]:
     return apply
 
 
+def _follow_up(then: str, **failure: object) -> Callable[[GeminiConfig], None]:
+    """A valid first failure on a memory backend, then ``then`` (and ``failure`` changes)."""
+
+    def apply(c: GeminiConfig) -> None:
+        c.backend.name = "memory"
+        c.failure.name = "hardware_once"
+        c.failure.then = then
+        for k, v in failure.items():
+            setattr(c.failure, k, v)
+
+    return apply
+
+
+def _kill_during_a_disk_snapshot(c: GeminiConfig) -> None:
+    _follow_up("kill_during_snapshot")(c)
+    c.backend.name = "disk"
+
+
 REFUSALS: list[tuple[str, str, Callable[[GeminiConfig], None]]] = [
     ("no nodes", "cluster.nodes", _set("cluster.nodes", 0)),
     ("more ranks than the host holds", "cluster.nodes", _over_capacity),
@@ -216,6 +234,12 @@ REFUSALS: list[tuple[str, str, Callable[[GeminiConfig], None]]] = [
     ("negative bandwidth", "backend.bandwidth_gbps", _set("backend.bandwidth_gbps", -1.0)),
     ("more replicas than nodes", "backend.replication.factor", _replicated(factor=5)),
     ("unknown placement", "backend.replication.placement", _replicated(placement="star")),
+    ("unknown follow-up failure", "failure.then", _follow_up("meteor")),
+    ("follow-up of no failure", "failure.then", _follow_up("hardware", name="none")),
+    ("follow-up of random arrivals", "failure.then", _follow_up("software", name="poisson")),
+    ("follow-up at once", "failure.then_after_steps", _follow_up("software", then_after_steps=0)),
+    ("follow-up off the cluster", "failure.then_node", _follow_up("hardware", then_node=9)),
+    ("follow-up kill without snapshots", "failure.then", _kill_during_a_disk_snapshot),
 ]
 
 

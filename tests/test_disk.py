@@ -43,7 +43,7 @@ def make_state(step: int) -> dict[str, torch.Tensor]:
 
 
 def stage(
-    step: int, rank: int = 0, world_size: int = 1, config_hash: str = "cfg"
+    step: int, rank: int = 0, world_size: int = 1, config_hash: str = "cfg", generation: int = 1
 ) -> tuple[fmt.Manifest, torch.Tensor]:
     state = make_state(step)
     entries, nbytes = fmt.layout(state)
@@ -58,12 +58,15 @@ def stage(
         extra={"data_position": step},
         buf=buf,
         chunk_bytes=_CHUNK,
+        generation=generation,
     )
     return manifest, buf
 
 
-def write_step(store: DiskStore, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    manifest, buf = stage(step, rank, world_size)
+def write_step(
+    store: DiskStore, step: int, rank: int = 0, world_size: int = 1, generation: int = 1
+) -> torch.Tensor:
+    manifest, buf = stage(step, rank, world_size, generation=generation)
     store.write(rank, step, manifest, buf)
     return buf
 
@@ -251,6 +254,43 @@ def test_prune_keeps_the_newest_complete_steps_and_newer_partial_ones(tmp_path: 
     ]
     assert store.prune(2) == []
     assert_reads_back(store, 3, rank=1)
+
+
+def test_a_rollback_drops_every_newer_step_and_keeps_the_restored_one(tmp_path: Path) -> None:
+    # Generation 1 persisted steps 2..5 (step 6 only half: rank 1 was lost);
+    # generation 2 restored step 3. Steps 4..6 belong to the abandoned timeline.
+    store = DiskStore(tmp_path, "run", keep_last=2)
+    for step in (2, 3, 4, 5):
+        for rank in (0, 1):
+            write_step(store, step, rank, world_size=2)
+    write_step(store, 6, rank=0, world_size=2)
+    assert store.drop_newer_than(3) == [6, 5, 4]
+    assert store.complete_steps(2) == [3, 2]
+    assert sorted(p.name for p in store.run_dir.iterdir()) == ["step_00000002", "step_00000003"]
+    assert_reads_back(store, 3, rank=1)
+    assert store.drop_newer_than(3) == []
+    # The new timeline's steps then count for pruning, not the abandoned ones.
+    for step in (4, 5):
+        for rank in (0, 1):
+            write_step(store, step, rank, world_size=2, generation=2)
+    assert store.prune(2) == [3, 2]
+    assert store.complete_steps(2) == [5, 4]
+    assert store.generation(5, 2) == 2
+
+
+def test_storage_reports_the_generation_of_each_complete_step(tmp_path: Path) -> None:
+    from gemini.checkpoint.disk import drop_storage_newer_than, storage_checkpoints
+
+    config = GeminiConfig()
+    config.backend.path = str(tmp_path / "ckpt")
+    store = DiskStore(tmp_path / "ckpt", "run")
+    write_step(store, 2, rank=0, world_size=2, generation=1)
+    write_step(store, 2, rank=1, world_size=2, generation=1)
+    write_step(store, 3, rank=0, world_size=2, generation=1)
+    write_step(store, 3, rank=1, world_size=2, generation=2)
+    assert storage_checkpoints(config, tmp_path, "run", 2) == [(3, 1), (2, 1)]
+    assert drop_storage_newer_than(config, tmp_path, "run", 2) == [3]
+    assert storage_checkpoints(config, tmp_path, "run", 2) == [(2, 1)]
 
 
 def test_bandwidth_cap_bounds_write_and_read_time(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ from test_recovery_e2e import (
 from gemini.checkpoint.placement import holders
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
-timeout = pytest.mark.timeout(300)
+# A reference run and a failure run on a loaded 2-core host took up to 270 s here.
+timeout = pytest.mark.timeout(600)
 
 THREE_NODES = "cluster.nodes=3"
 

@@ -161,6 +161,8 @@ def _tamper(doc: dict[str, Any], path: str, value: Any) -> None:
         ("checksums", ["xyz"], "'checksums[0]'"),
         ("extra", [], "'extra'"),
         ("version", 99, "'version'"),
+        ("generation", -1, "'generation'"),
+        ("generation", "2", "'generation'"),
         ("format", "pickle", "'format'"),
         ("tensors.1", "float99", "tensors[0] ('x').dtype"),
         ("tensors.2", [3, -1], "tensors[0] ('x').shape"),
@@ -175,6 +177,23 @@ def test_tampered_manifest_field_is_named(path: str, value: Any, named: str) -> 
     with pytest.raises(fmt.FormatError) as info:
         fmt.Manifest.from_json(json.dumps(doc).encode())
     assert named in str(info.value)
+
+
+def test_the_writing_generation_round_trips_and_version_1_reads_as_generation_0() -> None:
+    state = {"x": torch.ones(4, 4)}
+    entries, nbytes = fmt.layout(state)
+    buf = bytearray(nbytes)
+    fmt.write_state(state, entries, memoryview(buf))
+    manifest = fmt.make_manifest(
+        state, step=3, rank=0, world_size=1, config_hash="h", extra={}, buf=buf, generation=5
+    )
+    assert fmt.Manifest.from_json(manifest.to_json()).generation == 5
+    # A checkpoint written before generations were recorded: of unknown origin.
+    doc = json.loads(manifest.to_json())
+    doc["version"] = 1
+    del doc["generation"]
+    old = fmt.Manifest.from_json(json.dumps(doc).encode())
+    assert old.generation == 0 and old.step == 3
 
 
 def test_missing_field_and_overlapping_tensors_are_refused() -> None:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gemini.lineage import Timeline
 from gemini.recovery import MILESTONES, PHASES, Plan, plan_recovery, restart_phases
 
 # 4 nodes x 1 rank: rank r lives on node r.
@@ -43,14 +44,14 @@ def test_all_ranks_resume_from_the_newest_step_that_every_rank_has() -> None:
 def test_a_software_failure_restores_every_rank_from_its_own_memory() -> None:
     plan = plan_recovery(FOUR, group_memory([9, 8]), storage=[4])
     assert plan.step == 9
-    assert plan.sources == {r: {"kind": "local", "node": r} for r in range(4)}
+    assert plan.sources == {r: {"kind": "local", "node": r, "generation": 0} for r in range(4)}
     assert plan.source_counts() == {"local": 4}
 
 
 def test_a_lost_node_is_restored_from_a_peer_before_storage() -> None:
     plan = plan_recovery(FOUR, group_memory([9, 8], dead=(1,)), storage=[9])
     assert plan.step == 9
-    assert plan.sources[1] == {"kind": "peer", "node": 0}
+    assert plan.sources[1] == {"kind": "peer", "node": 0, "generation": 0}
     assert kinds(plan) == {0: "local", 1: "peer", 2: "local", 3: "local"}
     assert plan.source_counts() == {"local": 3, "peer": 1}
 
@@ -58,7 +59,10 @@ def test_a_lost_node_is_restored_from_a_peer_before_storage() -> None:
 def test_local_memory_is_preferred_over_a_peer_and_storage_for_the_same_step() -> None:
     memory = {0: {0: [3], 1: [3]}, 1: {1: [3], 0: [3]}}
     plan = plan_recovery({0: 0, 1: 1}, memory, storage=[3])
-    assert plan.sources == {0: {"kind": "local", "node": 0}, 1: {"kind": "local", "node": 1}}
+    assert plan.sources == {
+        0: {"kind": "local", "node": 0, "generation": 0},
+        1: {"kind": "local", "node": 1, "generation": 0},
+    }
 
 
 def test_among_several_holders_the_lowest_node_is_chosen() -> None:
@@ -66,7 +70,7 @@ def test_among_several_holders_the_lowest_node_is_chosen() -> None:
     memory = {1: {1: [5], 0: [5]}, 2: {2: [5], 0: [5], 1: [5]}, 3: {3: [5], 2: [5]}}
     plan = plan_recovery(FOUR, memory, storage=[])
     assert plan.step == 5
-    assert plan.sources[0] == {"kind": "peer", "node": 1}
+    assert plan.sources[0] == {"kind": "peer", "node": 1, "generation": 0}
 
 
 def test_a_rank_with_no_copy_of_the_newest_step_forces_an_older_common_step() -> None:
@@ -74,7 +78,7 @@ def test_a_rank_with_no_copy_of_the_newest_step_forces_an_older_common_step() ->
     memory = {0: {0: [9, 8], 1: [8, 7]}, 2: {2: [9, 8], 3: [9, 8]}, 3: {3: [9, 8], 2: [9, 8]}}
     plan = plan_recovery(FOUR, memory, storage=[])
     assert plan.step == 8
-    assert plan.sources[1] == {"kind": "peer", "node": 0}
+    assert plan.sources[1] == {"kind": "peer", "node": 0, "generation": 0}
     assert all(s["kind"] == "local" for r, s in plan.sources.items() if r != 1)
 
 
@@ -84,7 +88,7 @@ def test_a_rank_with_no_copy_in_memory_falls_back_to_storage_for_everyone() -> N
     plan = plan_recovery(FOUR, group_memory([12, 11], dead=(0, 1)), storage=[10, 5])
     assert plan.step == 10
     assert plan.source_counts() == {"storage": 4}
-    assert all(s == {"kind": "storage", "node": -1} for s in plan.sources.values())
+    assert all(s == {"kind": "storage", "node": -1, "generation": 0} for s in plan.sources.values())
 
 
 def test_storage_serves_only_the_ranks_memory_cannot() -> None:
@@ -113,7 +117,7 @@ def test_an_excluded_source_is_skipped_for_the_next_holder_of_the_same_step() ->
     memory = {1: {1: [5], 0: [5]}, 2: {2: [5], 0: [5], 1: [5]}, 3: {3: [5], 2: [5]}}
     plan = plan_recovery(FOUR, memory, storage=[], excluded=[(0, 5, "peer", 1)])
     assert plan.step == 5
-    assert plan.sources[0] == {"kind": "peer", "node": 2}
+    assert plan.sources[0] == {"kind": "peer", "node": 2, "generation": 0}
 
 
 def test_excluding_the_only_copy_of_a_step_falls_back_to_an_older_step() -> None:
@@ -122,17 +126,20 @@ def test_excluding_the_only_copy_of_a_step_falls_back_to_an_older_step() -> None
     # Rank 1's step 6 is still held by node 0: a peer copy of the same step wins
     # over rolling everyone back.
     assert plan.step == 6
-    assert plan.sources[1] == {"kind": "peer", "node": 0}
+    assert plan.sources[1] == {"kind": "peer", "node": 0, "generation": 0}
     bad = [(1, 6, "local", 1), (1, 6, "peer", 0)]
     plan = plan_recovery({0: 0, 1: 1}, memory, storage=[], excluded=bad)
     assert plan.step == 5
-    assert plan.sources == {0: {"kind": "local", "node": 0}, 1: {"kind": "local", "node": 1}}
+    assert plan.sources == {
+        0: {"kind": "local", "node": 0, "generation": 0},
+        1: {"kind": "local", "node": 1, "generation": 0},
+    }
 
 
 def test_an_excluded_storage_step_is_not_planned() -> None:
     plan = plan_recovery({0: 0}, {}, storage=[8, 4], excluded=[(0, 8, "storage", -1)])
     assert plan.step == 4
-    assert plan.sources == {0: {"kind": "storage", "node": -1}}
+    assert plan.sources == {0: {"kind": "storage", "node": -1, "generation": 0}}
 
 
 def test_inventory_of_ranks_outside_the_job_is_ignored() -> None:
@@ -151,9 +158,75 @@ def test_plan_json_carries_step_sources_and_reason() -> None:
     plan = plan_recovery(FOUR, group_memory([4], dead=(3,)), storage=[])
     js = plan.to_json()
     assert js["start_step"] == 4
-    assert js["sources"]["3"] == {"kind": "peer", "node": 2}
+    assert js["sources"]["3"] == {"kind": "peer", "node": 2, "generation": 0}
     assert set(js["sources"]) == {"0", "1", "2", "3"}
     assert js["reason"] == plan.reason
+
+
+# -- timelines: what a rollback abandoned is never planned ----------------------
+def rolled_back() -> Timeline:
+    """Generation 1 trained to step 9 and failed; generation 2 restored step 4 from storage."""
+    return Timeline({1: 0, 2: 4})
+
+
+def test_a_newer_step_left_by_an_abandoned_timeline_is_never_planned() -> None:
+    # Generation 2 rolled back to step 4 and reached step 6; the survivors
+    # still hold generation 1's steps 9 and 8, which the current timeline never
+    # reached. Without the generation tags they would be the newest common step.
+    memory = {n: {n: [(9, 1), (6, 2)]} for n in range(4)}
+    plan = plan_recovery(FOUR, memory, storage=[(4, 1)], failed_step=6, timeline=rolled_back())
+    assert plan.step == 6
+    assert all(s["generation"] == 2 for s in plan.sources.values())
+    assert plan.lost_steps == 0
+
+
+def test_a_stale_step_at_or_below_the_failed_step_is_still_refused() -> None:
+    # Generation 1's step 6 is as new as generation 2's, but it is not the
+    # state generation 2 trained from step 4: only generation 2's copy counts.
+    memory = {0: {0: [(6, 1), (5, 2)]}, 1: {1: [(6, 2), (5, 2)]}}
+    plan = plan_recovery({0: 0, 1: 1}, memory, storage=[], failed_step=6, timeline=rolled_back())
+    assert plan.step == 5
+    assert plan.lost_steps == 1
+
+
+def test_steps_the_abandoned_timeline_shares_with_the_current_one_stay_usable() -> None:
+    memory = {n: {n: [(9, 1), (3, 1)]} for n in range(4)}
+    plan = plan_recovery(FOUR, memory, storage=[], failed_step=5, timeline=rolled_back())
+    assert plan.step == 3
+    assert plan.sources[0] == {"kind": "local", "node": 0, "generation": 1}
+    assert plan.lost_steps == 2
+
+
+def test_no_step_above_the_failed_step_is_planned_even_untagged() -> None:
+    memory = {n: {n: [9, 7]} for n in range(4)}
+    plan = plan_recovery(FOUR, memory, storage=[8], failed_step=7)
+    assert plan.step == 7
+    assert plan.lost_steps == 0
+    plan = plan_recovery(FOUR, memory, storage=[8, 2], failed_step=6)
+    assert plan.step == 2 and plan.lost_steps == 4
+
+
+def test_lost_steps_is_exact_not_clamped() -> None:
+    memory = {n: {n: [(5, 1)]} for n in range(4)}
+    assert plan_recovery(FOUR, memory, storage=[], failed_step=8).lost_steps == 3
+    assert plan_recovery(FOUR, {}, storage=[], failed_step=8).lost_steps == 8
+    assert plan_recovery(FOUR, memory, storage=[]).lost_steps is None
+
+
+def test_a_restart_from_scratch_abandons_everything_before_it() -> None:
+    line = Timeline({1: 0, 2: 0})
+    assert not line.valid(1, 1)
+    assert line.valid(1, 2) and line.valid(0, 1)
+    memory = {n: {n: [(4, 1)]} for n in range(4)}
+    assert plan_recovery(FOUR, memory, storage=[(4, 1)], timeline=line).step == 0
+
+
+def test_a_timeline_is_rebuilt_from_the_published_plans() -> None:
+    line = Timeline.from_plans({1: {"start_step": 0}, 2: {"start_step": 7}, 3: {"start_step": 5}})
+    assert line.valid(5, 1) and not line.valid(6, 1) and not line.valid(6, 2)
+    assert line.valid(9, 3)
+    with pytest.raises(ValueError, match="generation 2"):
+        line.add(2, 6)
 
 
 # -- properties over random inventories -------------------------------------------
@@ -212,6 +285,40 @@ def test_the_plan_is_the_newest_common_step_with_the_best_source_per_rank(
         assert rank_of[src["kind"]] == min(rank_of[k] for k in have)
         if src["kind"] != "storage":
             assert plan.step in memory[src["node"]][r]
+
+
+@st.composite
+def timelines(draw: st.DrawFn) -> tuple[Timeline, list[tuple[int, int]]]:
+    """Generations 1..g with random starts, and random (step, generation) copies."""
+    gens = draw(st.integers(min_value=1, max_value=4))
+    starts = {1: 0, **{g: draw(st.integers(min_value=0, max_value=6)) for g in range(2, gens + 1)}}
+    copies = draw(
+        st.lists(
+            st.tuples(st.integers(min_value=1, max_value=8), st.integers(1, gens)),
+            max_size=6,
+            unique=True,
+        )
+    )
+    return Timeline(starts), copies
+
+
+@settings(max_examples=300, deadline=None)
+@given(timelines(), st.integers(min_value=0, max_value=8))
+def test_the_plan_stays_on_the_timeline_and_below_the_failed_step(
+    drawn: tuple[Timeline, list[tuple[int, int]]], failed_step: int
+) -> None:
+    line, copies = drawn
+    memory = {n: {n: copies} for n in range(2)}
+    plan = plan_recovery(
+        {0: 0, 1: 1}, memory, storage=copies, failed_step=failed_step, timeline=line
+    )
+    assert 0 <= plan.step <= failed_step
+    assert plan.lost_steps == failed_step - plan.step
+    usable = [s for s, g in copies if s <= failed_step and line.valid(s, g)]
+    assert plan.step == max(usable, default=0)
+    for src in plan.sources.values():
+        if plan.step:
+            assert line.valid(plan.step, src["generation"])
 
 
 def test_restart_phases_follow_the_slowest_rank_and_add_up() -> None:

@@ -84,6 +84,38 @@ def test_one_off_schedules_hit_one_node_at_one_step(name: str, kind: str) -> Non
     assert event.describe().endswith("at step 40")
 
 
+def test_a_follow_up_fires_after_the_recovery_counting_from_the_restored_step() -> None:
+    plain = build("two_in_group", at_step=30, node=2)
+    events = build("two_in_group", at_step=30, node=2, then="kill_during_snapshot", then_node=5)
+    # The follow-up is appended; the rest of the schedule is untouched.
+    assert events[:-1] == plain
+    follow = events[-1]
+    assert follow == FailureEvent("kill_during_snapshot", (5,), 2, None, 0, after_recovery=True)
+    assert FailureEvent.from_dict(follow.to_dict()) == follow
+    assert "2 steps after the previous recovery" in follow.describe()
+    drawn = {build("hardware_once", seed=s, then="software")[-1].nodes for s in range(20)}
+    assert len(drawn) > 1  # a seeded node when none is pinned
+    assert build("hardware_once", then="none") == build("hardware_once")
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "key"),
+    [
+        ("hardware_once", {"then": "root_loss"}, "failure.then"),
+        ("none", {"then": "hardware"}, "failure.then"),
+        ("poisson", {"then": "hardware"}, "failure.then"),
+        ("hardware_once", {"then": "software", "then_after_steps": 0}, "failure.then_after_steps"),
+        ("hardware_once", {"then": "software", "then_node": 8}, "failure.node"),
+    ],
+)
+def test_a_bad_follow_up_is_refused_naming_the_key(
+    name: str, kw: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ScheduleError) as info:
+        build(name, **kw)
+    assert info.value.key == key
+
+
 def test_describe_reads_like_a_log_line() -> None:
     assert FailureEvent("hardware", (2,), 40, None).describe() == "hardware on node 2 at step 40"
     assert FailureEvent("hardware", (4, 5), None, 12.25).describe() == (

@@ -74,6 +74,8 @@ class BackendContext:
     world_size: int
     config_hash: str
     extras: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    """The launch this rank belongs to; every checkpoint it writes carries it."""
 
 
 class CheckpointBackend(ABC):

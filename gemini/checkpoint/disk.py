@@ -66,7 +66,9 @@ __all__ = [
     "DiskBackend",
     "DiskStore",
     "decode_manifest",
+    "drop_storage_newer_than",
     "encode_manifest",
+    "storage_checkpoints",
     "storage_complete_steps",
     "storage_dir",
     "uses_storage",
@@ -501,6 +503,31 @@ class DiskStore:
             shutil.rmtree(stale, ignore_errors=True)
         return removed
 
+    def drop_newer_than(self, step: int) -> list[int]:
+        """Delete every step directory above ``step``, complete or not; returns them.
+
+        After a recovery restored ``step``, a newer step on storage was written
+        by the timeline the rollback abandoned (or was being written when it
+        ended): it must never be planned, nor count among the ``keep_last``
+        newest when pruning. Only call this while no rank is writing.
+        """
+        dropped = []
+        for s in self._steps():
+            if s <= step:
+                continue
+            trash = self.run_dir / f".trash-step_{s:08d}-{os.getpid()}"
+            try:
+                os.rename(self.step_dir(s), trash)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            dropped.append(s)
+        return dropped
+
+    def generation(self, step: int, world_size: int) -> int:
+        """The oldest generation that wrote a rank's checkpoint of ``step`` (0 = unknown)."""
+        return min(self.read_manifest(r, step).generation for r in range(world_size))
+
     def check_config(self, config_hash: str, step: int, rank: int) -> None:
         """Refuse a stored checkpoint written by another config (layout, world size, seed)."""
         stored = self.read_manifest(rank, step).config_hash
@@ -530,6 +557,37 @@ def storage_complete_steps(
     if steps and config_hash is not None:
         store.check_config(config_hash, steps[0], 0)
     return steps
+
+
+def storage_checkpoints(
+    cfg: GeminiConfig,
+    job_dir: str | Path,
+    run_id: str,
+    world_size: int,
+    *,
+    config_hash: str | None = None,
+) -> list[tuple[int, int]]:
+    """``(step, generation)`` of every step complete on storage, newest first.
+
+    The generation is the oldest that wrote any rank's part of the step: the
+    one that decides whether the step is on the current timeline. A step
+    pruned while being listed is left out.
+    """
+    store = DiskStore(storage_dir(cfg, job_dir), run_id, drop_cache=False)
+    out = []
+    for step in storage_complete_steps(cfg, job_dir, run_id, world_size, config_hash=config_hash):
+        try:
+            out.append((step, store.generation(step, world_size)))
+        except CheckpointError:
+            continue
+    return out
+
+
+def drop_storage_newer_than(
+    cfg: GeminiConfig, job_dir: str | Path, run_id: str, step: int
+) -> list[int]:
+    """:meth:`DiskStore.drop_newer_than` on the job's storage."""
+    return DiskStore(storage_dir(cfg, job_dir), run_id).drop_newer_than(step)
 
 
 # -- the backend --------------------------------------------------------------
@@ -669,6 +727,7 @@ class DiskBackend(CheckpointBackend):
             chunk_bytes=self.chunk_bytes,
             checksums=fmt.checksum(buf, nbytes, self.chunk_bytes),
             extra=extra,
+            generation=self.ctx.generation,
         )
         self.store.write(self.ctx.rank, step, manifest, buf)
         if self.ctx.rank == 0:

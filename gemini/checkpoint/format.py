@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "ChecksumError",
     "FormatError",
     "Manifest",
@@ -63,7 +64,9 @@ large enough that per-call overhead is noise (1 MiB and 4 MiB hash equally
 fast here) and a 100 GB shard needs only ~25k digests in the manifest."""
 
 FORMAT_NAME = "gemini-ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added ``generation``; version 1 manifests still read, as generation 0."""
+READABLE_VERSIONS = (1, 2)
 CHECKSUM_ALGO = "xxh3_64"
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -133,6 +136,10 @@ class Manifest:
     """One ``xxh3_64`` hex digest per ``chunk_bytes`` of ``buf[:data_nbytes]``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """JSON-able non-tensor state. JSON has no tuples: they come back as lists."""
+    generation: int = 0
+    """The generation (one launch of all ranks) that wrote this checkpoint. After a
+    rollback a newer step written by an older generation belongs to an abandoned
+    timeline (``gemini.lineage``); 0 = unknown (a version 1 manifest)."""
 
     def to_json(self) -> bytes:
         doc = {
@@ -140,6 +147,7 @@ class Manifest:
             "version": FORMAT_VERSION,
             "checksum_algo": CHECKSUM_ALGO,
             "step": self.step,
+            "generation": self.generation,
             "rank": self.rank,
             "world_size": self.world_size,
             "config_hash": self.config_hash,
@@ -168,10 +176,11 @@ class Manifest:
             raise FormatError(
                 f"manifest field 'format' is {doc.get('format')!r}, not {FORMAT_NAME!r}"
             )
-        if doc.get("version") != FORMAT_VERSION:
+        version = doc.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise FormatError(
-                f"manifest field 'version' is {doc.get('version')!r}; this reader "
-                f"understands version {FORMAT_VERSION} only"
+                f"manifest field 'version' is {version!r}; this reader understands "
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         if doc.get("checksum_algo") != CHECKSUM_ALGO:
             raise FormatError(
@@ -179,6 +188,7 @@ class Manifest:
                 f"not {CHECKSUM_ALGO!r}"
             )
         step = _int_field(doc, "step")
+        generation = _int_field(doc, "generation") if version >= 2 else 0
         rank = _int_field(doc, "rank")
         world_size = _int_field(doc, "world_size", minimum=1)
         if rank >= world_size:
@@ -213,6 +223,7 @@ class Manifest:
             chunk_bytes=chunk_bytes,
             checksums=checksums,
             extra=extra,
+            generation=generation,
         )
 
 
@@ -622,6 +633,7 @@ def make_manifest(
     buf: Buffer,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     checksums: list[str] | None = None,
+    generation: int = 0,
 ) -> Manifest:
     """The manifest of ``state`` already written into ``buf`` with ``layout(state)``.
 
@@ -646,4 +658,5 @@ def make_manifest(
         chunk_bytes=chunk_bytes,
         checksums=checksums,
         extra=extra,
+        generation=generation,
     )

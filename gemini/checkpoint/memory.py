@@ -121,7 +121,13 @@ class MemoryBackend(CheckpointBackend):
         self.persist_interval = 0
         """Persist every this many steps (0 = not yet calibrated / never)."""
         self._disk: DiskStore | None = None
-        self._arm = self.store.get_json_or(keys.inject_arm(ctx.rank))
+        arm = self.store.get_json_or(keys.inject_arm(ctx.rank))
+        if arm is not None and arm.get("after_gen") is not None:
+            # A follow-up failure: only a generation after the one it follows.
+            arm = arm if ctx.generation > int(arm["after_gen"]) else None
+        self._arm = arm
+        self._restored = 0
+        """The step this rank restored (a follow-up failure counts from it)."""
 
     # -- start-up ---------------------------------------------------------------
     def _prepare(self, state: TrainState) -> dict[str, Any]:
@@ -170,7 +176,8 @@ class MemoryBackend(CheckpointBackend):
         # refuses a run in which no snapshot would follow it).
         kill_midway = (
             self._arm is not None
-            and step >= int(self._arm["step"])
+            and step
+            >= int(self._arm["step"]) + (self._restored if self._arm.get("after_recovery") else 0)
             and not self.store.exists(keys.inject_fired(self._arm["id"]))
         )
         self._error = None
@@ -208,6 +215,7 @@ class MemoryBackend(CheckpointBackend):
                 buf=dst,
                 chunk_bytes=self.chunk,
                 checksums=sums,
+                generation=self.ctx.generation,
             )
             self.slots.commit(idx, manifest)
             timing.local_s = time.perf_counter() - t0
@@ -233,6 +241,7 @@ class MemoryBackend(CheckpointBackend):
                 **arm,
                 "t": time.time(),
                 "step": step,
+                "gen": self.ctx.generation,
                 "what": f"kill during the snapshot of step {step}",
             },
         )
@@ -281,6 +290,7 @@ class MemoryBackend(CheckpointBackend):
     # -- restore ------------------------------------------------------------------
     def _retrieve(self, step: int, source: dict[str, Any]) -> Retrieved:
         assert self.slots is not None, "prepare() first"
+        self._restored = step
         kind = source.get("kind", "local")
         if kind == "storage":
             disk = self._disk or _disk_store(self.ctx)

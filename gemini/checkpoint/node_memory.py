@@ -8,7 +8,13 @@ which peers put their checkpoints and a replaced node's ranks fetch theirs
 back. The agent allocates and touches the slots once, when a rank announces
 its checkpoint size, and answers the root's inventory requests with the
 steps it holds *after verifying their checksums*, so a corrupted replica is
-never planned as a source.
+never planned as a source, each with the generation that wrote it.
+
+After every recovery plan the root asks each agent to *trim*: to invalidate
+every slot, local or replica, newer than the restored step. Those copies
+belong to the timeline the rollback abandoned; left in place, one would count
+as the newest slot and the next write would overwrite the only copy of the
+current timeline.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class AgentServices:
     ) -> None:
         self.job, self.node, self.store = job, node, store
         self.answered = store.counter(keys.INV_REQ) if store is not None else 0
+        # Trim requests are answered once each, newest only: an older one's
+        # step can only be newer than (or equal to) the newest one's.
+        self.trimmed = store.counter(keys.TRIM_REQ) if store is not None else 0
 
     def start(self) -> dict[str, Any]:
         """Start serving; returns what peers need to know (e.g. an address)."""
@@ -48,13 +57,25 @@ class AgentServices:
         """Called from the agent's control loop: answers inventory requests."""
         if self.store is None:
             return
+        n = self.store.counter(keys.TRIM_REQ)
+        if n > self.trimmed:
+            self.trimmed = n
+            # The root writes the request before bumping the counter: an
+            # absent (or unsigned) one was never the root's.
+            req = self.store.get_json_or(keys.trim_request(n))
+            if req is not None:
+                self.store.set_json(keys.trim_ack(n, self.node), self.trim(int(req["step"])))
         n = self.store.counter(keys.INV_REQ)
         if n > self.answered:
             self.answered = n
             self.store.set_json(keys.inventory(n, self.node), self.inventory())
 
-    def inventory(self) -> dict[str, list[int]]:
-        """Verified complete steps held here, per source rank."""
+    def inventory(self) -> dict[str, list[list[int]]]:
+        """Verified complete ``[step, generation]`` held here, per source rank."""
+        return {}
+
+    def trim(self, step: int) -> dict[str, list[int]]:
+        """Invalidate every copy newer than ``step``; returns the steps dropped per rank."""
         return {}
 
     def close(self) -> None:
@@ -135,17 +156,27 @@ class MemoryServices(AgentServices):
             )
         super().tick()
 
-    def inventory(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
+    def inventory(self) -> dict[str, list[list[int]]]:
+        out: dict[str, list[list[int]]] = {}
         for rank, slots in self.sets.items():
             good = []
             for step, idx in slots.complete_steps():
                 try:
-                    slots.verify(idx)
-                    good.append(step)
+                    manifest = slots.verify(idx)
+                    good.append([step, manifest.generation])
                 except Exception as e:  # a corrupted copy is reported, never planned
                     print(f"[agent {self.node}] rank {rank} step {step}: {e}", flush=True)
             out[str(rank)] = good
+        return out
+
+    def trim(self, step: int) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for rank, slots in self.sets.items():
+            newer = [s for s, _ in slots.complete_steps() if s > step]
+            if slots.invalidate_newer_than(step):
+                out[str(rank)] = newer
+        if out:
+            print(f"[agent {self.node}] dropped copies newer than step {step}: {out}", flush=True)
         return out
 
     # -- transport Handler --------------------------------------------------------

@@ -165,6 +165,21 @@ def inventory(request: int, node: int) -> str:
     return f"inv/{request}/{node}"
 
 
+TRIM_REQ = "trim/req"
+
+
+def trim_request(request: int) -> str:
+    return f"trim/{request}"
+
+
+def trim_ack(request: int, node: int) -> str:
+    return f"trim/{request}/{node}"
+
+
+def restore_failed(gen: int, rank: int) -> str:
+    return f"restore_failed/{gen}/{rank}"
+
+
 def ckpt_size(rank: int) -> str:
     return f"ckpt/size/{rank}"
 
@@ -234,7 +249,23 @@ TABLE: tuple[Key, ...] = (
     Key("root/restarts", False, _R, _R, "counter: recoveries started (bounded by max_restarts)"),
     Key("root/inject_seen", False, _R, _R, "counter: injected failures already attributed"),
     Key("inv/req", False, _R, _A, "counter: inventory requests"),
-    Key("inv/{n}/{i}", True, _A, _R, "JSON: verified steps node i holds, answer to request n"),
+    Key(
+        "inv/{n}/{i}",
+        True,
+        _A,
+        _R,
+        "JSON: verified [step, generation] node i holds per rank, answer to request n",
+    ),
+    Key("trim/req", False, _R, _A, "counter: trim requests (drop copies newer than a plan)"),
+    Key("trim/{n}", True, _R, _A, "JSON: trim request n: the plan's step and generation"),
+    Key("trim/{n}/{i}", True, _A, _R, "JSON: steps node i dropped per rank, answer to request n"),
+    Key(
+        "restore_failed/{g}/{r}",
+        True,
+        _T,
+        _R,
+        "JSON: the source rank r of generation g could not read (step, source, error)",
+    ),
     Key("ckpt/size/{r}", True, _T, f"{_A}, {_R}", "JSON: slot sizes rank r needs"),
     Key(
         "ckpt/ready/{i}/{r}",

@@ -8,10 +8,12 @@ while its agent lives: a software failure), and the ranks' final reports.
 
 On a failure it stops the generation, replaces lost nodes (asking the
 launcher for a fresh one), asks the surviving agents what checkpoints they
-hold, plans a common step and a source per rank (``gemini.recovery``), and
-launches the next generation; every phase is timed and recorded in the store
-for the controller to log. All of its state lives in the store, so a new root
-elected after this one is lost picks up where it stopped.
+hold, plans a common step and a source per rank (``gemini.recovery``), has
+every tier drop what the plan abandons, and launches the next generation
+(``gemini.cluster.recovering``, phase by phase); every phase is timed and
+recorded in the store for the controller to log. All of its state lives in
+the store, so a new root elected after this one is lost picks up where it
+stopped.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from typing import Any
 from gemini.cluster import keys
 from gemini.cluster.agent import Heartbeat
 from gemini.cluster.job import JobSpec
+from gemini.cluster.recovering import Recovery, RecoveryFailed
 from gemini.cluster.store import Store
-from gemini.recovery import plan_recovery, restart_phases
+from gemini.lineage import Timeline
+from gemini.recovery import Held
 
 
 @dataclass
@@ -86,6 +90,10 @@ class RootAgent:
     def launch(self, plan: dict[str, Any]) -> int:
         gen = self.gen + 1
         self.store.set_json(keys.plan(gen), plan)
+        # Progress restarts with the new generation: a step the abandoned
+        # timeline reached must not count as reached by this one.
+        for r in range(self.world):
+            self.store.set(keys.progress(r), str(int(plan.get("start_step", 0))))
         self.store.set_json(keys.GEN, gen)
         self.gen = gen
         self.store.set_json(keys.ROOT_STATE, {"gen": self.gen})
@@ -261,10 +269,10 @@ class RootAgent:
                         time.sleep(0.01)
         return time.time() - t0
 
-    def inventory(self, timeout_s: float = 60.0) -> dict[int, dict[int, list[int]]]:
-        """Ask every agent which verified steps it holds, per source rank."""
+    def inventory(self, timeout_s: float = 60.0) -> dict[int, dict[int, list[Held]]]:
+        """Ask every agent which verified ``(step, generation)`` it holds, per source rank."""
         n = self.store.incr(keys.INV_REQ)
-        out: dict[int, dict[int, list[int]]] = {}
+        out: dict[int, dict[int, list[Held]]] = {}
         deadline = time.monotonic() + timeout_s
         for node in range(self.nodes):
             key = keys.inventory(n, node)
@@ -273,17 +281,18 @@ class RootAgent:
                 time.sleep(0.02)
                 got = self.store.get_json_or(key)
             if got is not None:
-                out[node] = {int(r): steps for r, steps in got.items()}
+                out[node] = {int(r): [(int(s), int(g)) for s, g in held] for r, held in got.items()}
         return out
 
-    def storage_steps(self) -> list[int]:
-        from gemini.checkpoint.disk import storage_complete_steps, uses_storage
+    def storage_checkpoints(self) -> list[tuple[int, int]]:
+        """``(step, generation)`` complete on storage for every rank."""
+        from gemini.checkpoint.disk import storage_checkpoints, uses_storage
 
         if not uses_storage(self.cfg):
             return []
         from gemini.config import config_hash
 
-        return storage_complete_steps(
+        return storage_checkpoints(
             self.cfg,
             self.job.job_dir,
             self.job.run_id,
@@ -291,117 +300,34 @@ class RootAgent:
             config_hash=config_hash(self.cfg),
         )
 
-    def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
-        t_detect = time.time()
-        restarts = self.store.incr(keys.ROOT_RESTARTS)
-        if restarts > self.cfg.cluster.max_restarts:
-            # A job that fails again after every restart (a bug, not a fault)
-            # must end, not loop: report it and stop everything.
-            reason = (
-                f"gave up after {restarts - 1} recoveries (cluster.max_restarts="
-                f"{self.cfg.cluster.max_restarts}); the last failure: dead nodes {dead}, "
-                f"failed ranks {ranks} — see the rank logs"
-            )
-            self.log(reason)
-            self.store.set_json(keys.ROOT_RESULT, {"status": "failed", "reason": reason})
-            self.store.set(keys.ABORT, "1")
-            return
-        injected = self.store.items(keys.INJECT, self.inject_seen + 1)
-        if injected:
-            self.inject_seen = injected[-1][0]
-            self.store.incr(
-                keys.ROOT_INJECT_SEEN, self.inject_seen - self.store.counter(keys.ROOT_INJECT_SEEN)
-            )
-        t_inject = min((rec["t"] for _, rec in injected), default=t_detect)
-        kind = "hardware" if dead else "software"
-        failed_step = self.progress()
-        self.log(
-            f"failure: {kind}; dead nodes {dead}, failed ranks {ranks}; job at step {failed_step}"
+    def drop_storage_newer_than(self, step: int) -> list[int]:
+        """Storage's share of a trim: every step above ``step``, complete or not."""
+        from gemini.checkpoint.disk import drop_storage_newer_than, uses_storage
+
+        if not uses_storage(self.cfg):
+            return []
+        return drop_storage_newer_than(self.cfg, self.job.job_dir, self.job.run_id, step)
+
+    def timeline(self) -> Timeline:
+        """Every generation's start step, from the plans published so far."""
+        return Timeline.from_plans(
+            {g: self.store.get_json_or(keys.plan(g), {}) for g in range(1, self.gen + 1)}
         )
-        pending = self.store.get_json_or(keys.ROOT_PENDING)
-        if pending is not None:
-            # A failure during the previous recovery's replay ends that record early.
-            pending["interrupted"] = True
-            self.store.push(keys.RECOVERY, pending)
-            self.store.set_json(keys.ROOT_PENDING, None)
-        rec: dict[str, Any] = {
-            "kind": kind,
-            "failed": f"nodes {dead}" if dead else f"ranks {ranks}",
-            "dead_nodes": dead,
-            "failed_ranks": ranks,
-            "failed_step": failed_step,
-            "t_inject": t_inject,
-            "t_detect": t_detect,
-            "detect_s": t_detect - t_inject,
-            "injected": [r for _, r in injected],
-        }
-        # Teardown: stop every trainer of the generation on the live nodes.
-        old = self.gen
-        self.store.set(keys.stop(old), "1")
-        dead_set = set(dead)
-        live_ranks = [r for r in range(self.world) if self.rank_node[r] not in dead_set]
-        dead_set |= set(self.wait_exits(old, live_ranks, timeout_s=15.0))
-        t_torn = time.time()
-        rec["teardown_s"] = t_torn - t_detect
-        excluded: list[tuple[int, int, str, int]] = []
-        replaced: set[int] = set()
-        readies: dict[int, Any] = {}
-        t_launch = t_torn
-        alloc_before_s = 0.0
-        for _attempt in range(5):
-            if dead_set - replaced:
-                fresh = sorted(dead_set - replaced)
-                self.replace(fresh)
-                replaced |= dead_set
-                alloc_before_s += self.wait_allocated(fresh)
-            rec["dead_nodes"] = sorted(dead_set)
-            rec["kind"] = "hardware" if dead_set else "software"
-            if dead_set:
-                rec["failed"] = f"nodes {sorted(dead_set)}"
-            rec["replace_s"] = time.time() - t_torn
-            memory = self.inventory()
-            plan = plan_recovery(self.rank_node, memory, self.storage_steps(), excluded)
-            rec.update(
-                restored_step=plan.step,
-                reason=plan.reason,
-                source_counts=plan.source_counts(),
-                sources={str(r): src for r, src in plan.sources.items()},
-                lost_steps=max(0, failed_step - plan.step),
-            )
-            self.log(f"plan: {plan.reason}; sources {plan.source_counts()}")
-            t_launch = time.time()
-            gen = self.launch({**plan.to_json(), "replay_until": failed_step})
-            ok, readies = self.wait_ready(gen)
-            if ok:
-                break
-            self.store.set(keys.stop(gen), "1")
-            newly_dead = self.wait_exits(gen, list(range(self.world)), timeout_s=15.0)
-            if newly_dead:
-                # Another node failed during the restart: replace it and re-plan.
-                dead_set |= set(newly_dead)
-                replaced -= set(newly_dead)
-                continue
-            # A source failed its checksum at retrieval: skip it and re-plan.
-            for r in range(self.world):
-                if r not in readies:
-                    src = plan.sources.get(r, {})
-                    excluded.append(
-                        (r, plan.step, str(src.get("kind", "")), int(src.get("node", -1)))
-                    )
-        t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
-        rec.update(restart_phases(t_torn, readies, alloc_before_s))
-        prepare = [float(v.get("ckpt_prepare_s", 0.0)) for v in readies.values()]
-        rec["ckpt_prepare_s"] = max(prepare) if prepare else 0.0
-        rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())
-        rec["rank_sources"] = {str(r): v.get("source", "scratch") for r, v in readies.items()}
-        # Each rank's own durations, for the one that held the others up.
-        rec["rank_retrieve_s"] = {str(r): v.get("retrieve_s", 0.0) for r, v in readies.items()}
-        rec["rank_load_s"] = {str(r): v.get("load_s", 0.0) for r, v in readies.items()}
-        # The part of load_s spent in DDP's discarded warm-up backward (collectives).
-        rec["rank_warm_up_s"] = {str(r): v.get("warm_up_s", 0.0) for r, v in readies.items()}
-        rec["t_ready"] = t_ready
-        rec["t_launch"] = t_launch
-        self.store.set_json(keys.ROOT_PENDING, rec)
+
+    def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
+        """Recover (``gemini.cluster.recovering``), or end the job with the reason why not."""
+        try:
+            Recovery(self, dead, ranks, exits).run()
+        except RecoveryFailed as e:
+            self.fail(str(e))
+
+    def fail(self, reason: str) -> None:
+        """End the job as failed: the controller reports ``reason`` and tears everything down."""
+        self.log(reason)
+        self.store.set_json(
+            keys.ROOT_RESULT, {"status": "failed", "reason": reason, "gen": self.gen}
+        )
+        self.store.set(keys.ABORT, "1")
 
     def wait_ready(self, gen: int, timeout_s: float = 300.0) -> tuple[bool, dict[int, Any]]:
         """Wait until every rank of ``gen`` restored; False if one died trying."""

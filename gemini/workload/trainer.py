@@ -185,6 +185,19 @@ def rendezvous(
     return me, ready
 
 
+class RetrieveFailed(RuntimeError):
+    """The planned source of this rank's step could not be read."""
+
+    def __init__(self, step: int, source: dict[str, Any], error: Exception) -> None:
+        self.step, self.source = step, source
+        self.error = f"{type(error).__name__}: {error}"
+        super().__init__(f"step {step} from {source}: {self.error}")
+
+    def report(self) -> dict[str, Any]:
+        """What the root needs to exclude this source, and only this one, from its next plan."""
+        return {"step": self.step, "source": self.source, "error": self.error}
+
+
 def restore(state: TrainState, backend: CheckpointBackend, plan: dict[str, Any]) -> dict[str, Any]:
     """Prepare checkpoint memory and, if the recovery plan says so, load its step.
 
@@ -197,7 +210,10 @@ def restore(state: TrainState, backend: CheckpointBackend, plan: dict[str, Any])
     if start_step > 0:
         source = plan["sources"][str(state.rank)]
         ready["t_retrieve_start"] = time.time()
-        got = backend.retrieve(start_step, source)
+        try:
+            got = backend.retrieve(start_step, source)
+        except Exception as e:
+            raise RetrieveFailed(start_step, source, e) from e
         ready["t_retrieve_end"] = time.time()
         t_load = time.perf_counter()
         state.load(got.tensors, got.extra)
@@ -324,9 +340,13 @@ def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
     torch.set_num_threads(cfg.cluster.threads_per_rank)
     me, ready = rendezvous(job, node, rank, local_rank, gen)
     state = TrainState(cfg, rank, me.world, me.device)
-    ctx = BackendContext(job, node, rank, local_rank, me.world, config_hash(cfg))
+    ctx = BackendContext(job, node, rank, local_rank, me.world, config_hash(cfg), generation=gen)
     backend = make_backend(ctx)
-    ready.update(restore(state, backend, me.plan), t=time.time())
+    try:
+        ready.update(restore(state, backend, me.plan), t=time.time())
+    except RetrieveFailed as e:
+        me.store.set_json(keys.restore_failed(gen, rank), e.report())
+        raise
     me.store.set(keys.progress(rank), str(state.step))
     me.store.set_json(keys.ready(gen, rank), ready)
     reporter = Reporter(job, rank, gen)
