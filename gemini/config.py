@@ -124,7 +124,12 @@ class BackendConfig:
     """disk: emulated storage bandwidth per node in Gbit/s (0 = real disk speed);
     reported as emulated."""
     persist_every_s: float = 0.0
-    """memory/replicated: also persist through ``disk`` every this many seconds (0 = never)."""
+    """memory/replicated: also persist through ``disk`` every this many seconds (0 = never),
+    turned into a step interval measured once the run has timed three steps."""
+    persist_every_n: int = 0
+    """memory/replicated: also persist through ``disk`` every this many steps, fixed in
+    advance, so where persisted steps lie does not depend on the machine's speed
+    (0 = use ``persist_every_s``)."""
     chunk_mb: int = 4
     """Checksum chunk and network chunk size, MiB."""
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
@@ -341,6 +346,19 @@ def check_values(cfg: GeminiConfig) -> None:
     if not (math.isfinite(b.persist_every_s) and b.persist_every_s >= 0):
         raise ConfigError(
             "backend.persist_every_s", b.persist_every_s, "must be >= 0 seconds (0 = never)"
+        )
+    _at_least(
+        "backend.persist_every_n",
+        b.persist_every_n,
+        0,
+        "must be >= 0 steps (0 = use persist_every_s)",
+    )
+    if b.persist_every_n > 0 and b.persist_every_s > 0:
+        raise ConfigError(
+            "backend.persist_every_n",
+            b.persist_every_n,
+            "sets the persistent tier's period in steps, and backend.persist_every_s sets it in "
+            "seconds: set only one (the other = 0)",
         )
     if b.bandwidth_gbps < 0:
         raise ConfigError("backend.bandwidth_gbps", b.bandwidth_gbps, "must be >= 0 (0 = no cap)")

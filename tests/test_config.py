@@ -18,6 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gemini.checkpoint.disk import uses_storage
 from gemini.cli import CONF
 from gemini.config import (
     ConfigError,
@@ -202,6 +203,12 @@ def _follow_up(then: str, **failure: object) -> Callable[[GeminiConfig], None]:
     return apply
 
 
+def _persist_in_seconds_and_steps(c: GeminiConfig) -> None:
+    c.backend.name = "replicated"
+    c.backend.persist_every_s = 5.0
+    c.backend.persist_every_n = 4
+
+
 def _kill_during_a_disk_snapshot(c: GeminiConfig) -> None:
     _follow_up("kill_during_snapshot")(c)
     c.backend.name = "disk"
@@ -232,6 +239,8 @@ REFUSALS: list[tuple[str, str, Callable[[GeminiConfig], None]]] = [
     ("unknown backend", "backend.name", _set("backend.name", "tape")),
     ("checkpoint every 0 steps", "backend.every_n", _set("backend.every_n", 0)),
     ("negative bandwidth", "backend.bandwidth_gbps", _set("backend.bandwidth_gbps", -1.0)),
+    ("negative persist period", "backend.persist_every_n", _set("backend.persist_every_n", -1)),
+    ("persist period twice", "backend.persist_every_n", _persist_in_seconds_and_steps),
     ("more replicas than nodes", "backend.replication.factor", _replicated(factor=5)),
     ("unknown placement", "backend.replication.placement", _replicated(placement="star")),
     ("unknown follow-up failure", "failure.then", _follow_up("meteor")),
@@ -281,3 +290,14 @@ def test_gpt_checks_do_not_apply_to_the_mlp() -> None:
 def test_to_schema_validates_a_composed_config(compose_cfg: Callable[..., DictConfig]) -> None:
     with pytest.raises(ConfigError, match=r"^model\.n_head=3: "):
         to_schema(compose_cfg("model.n_head=3"))
+
+
+@pytest.mark.parametrize("name", ["memory", "replicated"])
+def test_a_persistent_tier_in_steps_writes_to_storage(name: str) -> None:
+    cfg = GeminiConfig()
+    cfg.model.name = "gpt_tiny"
+    cfg.backend.name = name
+    assert not uses_storage(cfg)
+    cfg.backend.persist_every_n = 4
+    validate(cfg)
+    assert uses_storage(cfg)

@@ -101,8 +101,9 @@ class CheckpointBackend(ABC):
 
     persists_periodically = False
     """Whether a persistent tier is written every ``backend.persist_every_s``
-    besides the checkpoints themselves: the trainer then agrees on that period
-    in steps and sets :attr:`persist_interval`."""
+    (or ``backend.persist_every_n`` steps) besides the checkpoints themselves:
+    the trainer then agrees on that period in steps, or takes the fixed one,
+    and sets :attr:`persist_interval`."""
 
     persist_interval = 0
     """Steps between writes to the persistent tier (0: not yet agreed, or none)."""

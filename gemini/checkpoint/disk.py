@@ -237,9 +237,11 @@ def storage_dir(cfg: GeminiConfig, job_dir: str | Path) -> Path:
 
 def uses_storage(cfg: GeminiConfig) -> bool:
     """Whether a run writes to storage at all: the ``disk`` backend, or a
-    memory backend with a persistent tier (``backend.persist_every_s``)."""
+    memory backend with a persistent tier (``backend.persist_every_s`` or
+    ``backend.persist_every_n``)."""
     b = cfg.backend
-    return b.name == "disk" or (b.name in ("memory", "replicated") and b.persist_every_s > 0)
+    tier = b.persist_every_s > 0 or b.persist_every_n > 0
+    return b.name == "disk" or (b.name in ("memory", "replicated") and tier)
 
 
 # -- the store ------------------------------------------------------------------

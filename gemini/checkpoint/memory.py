@@ -154,7 +154,7 @@ class MemoryBackend(CheckpointBackend):
                 time.sleep(0.02)
         name = shm_name(self.ctx.job.run_id, self.ctx.node, self.ctx.rank, "local")
         self.slots = SlotSet.open(name, populate=True)
-        if self.cfg.backend.persist_every_s > 0:
+        if self.cfg.backend.persist_every_s > 0 or self.cfg.backend.persist_every_n > 0:
             self._disk = _disk_store(self.ctx)
         return {"ckpt_alloc_s": touch, "ckpt_capacity_bytes": nbytes}
 

@@ -236,7 +236,8 @@ class CadenceAgreement:
     Ranks must checkpoint the same steps, or no step is complete everywhere:
     adaptive policies are fed the slowest rank's timings (an all-reduce per
     step); ``every_n`` needs no agreement. The persistent tier's period in
-    steps is agreed on the same way, once, after three steps.
+    steps is agreed on the same way, once, after three steps (unless
+    ``backend.persist_every_n`` fixes it in advance).
     """
 
     def __init__(self, cfg: GeminiConfig, backend: CheckpointBackend, device: torch.device) -> None:
@@ -248,6 +249,9 @@ class CadenceAgreement:
         self.backend, self.device = backend, device
         self.adaptive = b.cadence != "every_n"
         self.persist_every_s = b.persist_every_s if backend.persists_periodically else 0.0
+        if backend.persists_periodically and b.persist_every_n > 0:
+            # Fixed in advance, the same on every rank: nothing to measure or agree on.
+            backend.persist_interval = b.persist_every_n
         self.iters: list[float] = []
 
     def should_checkpoint(self, step: int) -> bool:
