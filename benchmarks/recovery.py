@@ -359,6 +359,8 @@ def readme_tables(results: dict[str, Any]) -> str:
 def full_report(results: dict[str, Any]) -> None:
     """Everything the benchmark prints after measuring (also from ``--from``)."""
     print(results["probe_line"])
+    if "probe_c" in results:
+        print(results["probe_c"])
     for setting in results["settings"]:
         print(f"{setting['label']}:")
         report(setting["pair"])
@@ -498,12 +500,12 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         if "c" in a.settings:
             t_iter, nbytes = probe(base, common, model)
             cap_c = round(nbytes * 8 / (a.interval * t_iter) / 1e9, 3)
-            print(
+            results["probe_c"] = (
                 f"probe: T_iter {t_iter:.3f} s without checkpoints, {nbytes / 2**20:.0f} MiB "
                 f"per rank -> (c) caps storage at {cap_c} Gbit/s per node (emulated), where "
-                f"a checkpoint takes {a.interval} iterations",
-                flush=True,
+                f"a checkpoint takes {a.interval} iterations"
             )
+            print(results["probe_c"], flush=True)
             settings.append(
                 (
                     "c",
