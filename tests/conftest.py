@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from typing import Any, NamedTuple
 import psutil
 import pytest
 from omegaconf import DictConfig
+
+from gemini.cluster.store import Store
 
 # Where checkpoint segments live (gemini.checkpoint.slot honours the same variable).
 SHM = Path(os.environ.get("GEMINI_SHM_DIR", "/dev/shm"))
@@ -340,3 +343,31 @@ def print_log_tails(job_dir: Path, lines: int = 15) -> None:
         if tail:
             print(f"---- {log.name} (last {len(tail)} lines)")
             print("\n".join(tail))
+
+
+def wait_for_job(outputs: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    """The job.json the console script's controller wrote (run id, store address, secret file)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the console script exited before starting the job"
+        for path in outputs.glob("runs/*/job.json"):
+            try:
+                spec = dict(json.loads(path.read_text()))
+            except ValueError:  # being written
+                continue
+            if spec.get("store"):
+                return spec
+        time.sleep(0.1)
+    raise AssertionError(f"no job.json under {outputs} after {timeout_s} s")
+
+
+STORE_SECRET = secrets.token_bytes(32)
+"""The secret of the stores the ``signed_store`` fixture hosts."""
+
+
+@pytest.fixture
+def signed_store() -> Iterator[Store]:
+    """A real KV store on 127.0.0.1 whose values are signed with STORE_SECRET."""
+    s = Store("127.0.0.1", 0, STORE_SECRET, timeout_s=10.0, master=True)
+    yield s
+    s.raw = None  # type: ignore[assignment]  # closes the listening socket

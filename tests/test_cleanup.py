@@ -10,7 +10,6 @@ allocated any would prove nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for_job
 
 from gemini.cluster import keys
 from gemini.cluster.processes import run_processes
@@ -39,20 +39,6 @@ LONG_RUN = [
 
 def segments(run_id: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM) if n.startswith(f"gemini-{run_id}-"))
-
-
-def wait_for_job(outputs: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
-    """The job.json the controller wrote (its run id and store address)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the console script exited before starting the job"
-        for path in outputs.glob("runs/*/job.json"):
-            try:
-                return dict(json.loads(path.read_text()))
-            except ValueError:  # being written
-                pass
-        time.sleep(0.1)
-    raise AssertionError(f"no job.json under {outputs} after {timeout_s} s")
 
 
 def wait_for_training(job: dict[str, Any], min_step: int, timeout_s: float) -> int:

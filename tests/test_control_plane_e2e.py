@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch.distributed as dist
+from conftest import wait_for_job
 from test_recovery_e2e import AT_STEP, CLUSTER, NODES, STEPS, References, assert_left_nothing
 
 from gemini.cluster import keys
@@ -33,21 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> References:
     return References(tmp_path_factory.mktemp("reference"))
-
-
-def wait_for_job(outputs: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the console script exited before starting the job"
-        for path in outputs.glob("runs/*/job.json"):
-            try:
-                spec = dict(json.loads(path.read_text()))
-            except ValueError:  # being written
-                continue
-            if spec.get("store"):
-                return spec
-        time.sleep(0.1)
-    raise AssertionError(f"no job.json under {outputs} after {timeout_s} s")
 
 
 def connect(address: str) -> dist.TCPStore:

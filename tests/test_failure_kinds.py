@@ -8,13 +8,13 @@ end-to-end exactness of each kind is in tests/test_failure_kinds_e2e.py.
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import STORE_SECRET
 from omegaconf import OmegaConf
 
 from gemini.cluster import keys
@@ -35,14 +35,9 @@ def config(**failure: object) -> GeminiConfig:
     return cfg
 
 
-SECRET = secrets.token_bytes(32)
-
-
 @pytest.fixture
-def store() -> Iterator[Store]:
-    s = Store("127.0.0.1", 0, SECRET, timeout_s=10.0, master=True)
-    yield s
-    s.raw = None  # type: ignore[assignment]  # closes the server socket
+def store(signed_store: Store) -> Store:
+    return signed_store
 
 
 @pytest.fixture
@@ -59,7 +54,7 @@ def trainers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
     secret_file = tmp_path / ".secret"
-    secret_file.write_text(SECRET.hex())
+    secret_file.write_text(STORE_SECRET.hex())
     job = JobSpec(
         run_id="test",
         job_dir=str(tmp_path),

@@ -100,3 +100,19 @@ def test_a_recovery_that_runs_out_of_attempts_names_every_one() -> None:
     assert reason.startswith(f"recovery failed after {MAX_ATTEMPTS} attempts")
     for i in range(1, MAX_ATTEMPTS + 1):
         assert f"attempt {i} (step 9, generation {i + 1}): nodes [2] died" in reason
+
+
+def test_the_reason_is_an_mlflow_tag_of_the_failed_run(tmp_path: Any, mlflow_uri: str) -> None:
+    import mlflow
+
+    from gemini.tracking import record_job
+
+    c = to_schema(compose_config(["backend=none", "failure=none", f"tracking.uri={mlflow_uri}"]))
+    summary = summarize(c, reports({}), 80.0, "error", "r1", [], [], reason=VANISHED)
+    rid = record_job(
+        c, tmp_path, run_name="vanished", summary=summary, step_metrics=[], recoveries=[],
+        parent=None,
+    )  # fmt: skip
+    got = mlflow.MlflowClient(mlflow_uri).get_run(rid)
+    assert got.data.tags["reason"] == VANISHED
+    assert got.info.status == "FAILED"

@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
 from datetime import timedelta
 
 import psutil
 import pytest
 import torch.distributed as dist
+from conftest import STORE_SECRET
 
 from gemini.cluster import keys
 from gemini.cluster.store import Store, sign, verify
 
-SECRET = secrets.token_bytes(32)
-
 
 @pytest.fixture
-def store() -> Iterator[Store]:
-    s = Store("127.0.0.1", 0, SECRET, timeout_s=10.0, master=True)
-    yield s
-    s.raw = None  # type: ignore[assignment]  # closes the listening socket
+def store(signed_store: Store) -> Store:
+    return signed_store
 
 
 def intruder(store: Store) -> dist.TCPStore:
@@ -42,7 +38,7 @@ def test_a_signed_value_round_trips_and_is_stored_with_its_mac(store: Store) -> 
     mac, _, payload = raw.partition(b".")
     assert len(mac) == 64 and json.loads(payload) == plan
     # Another client of the same run (another process: its own connection) agrees.
-    other = Store.from_address(store.address, SECRET)
+    other = Store.from_address(store.address, STORE_SECRET)
     assert other.get_json(keys.plan(2)) == plan
     assert other.exists(keys.plan(2))
 
@@ -51,7 +47,7 @@ def test_flags_progress_and_metric_lines_are_signed_too(store: Store) -> None:
     store.set(keys.ABORT, "1")
     store.set(keys.progress(0), "17")
     store.append(keys.metrics(0), '{"step": 1}\n{"step": 2}\n')
-    assert verify(SECRET, keys.ABORT, bytes(store.raw.get(keys.ABORT))) == b"1"
+    assert verify(STORE_SECRET, keys.ABORT, bytes(store.raw.get(keys.ABORT))) == b"1"
     assert store.exists(keys.ABORT)
     assert store.get_int(keys.progress(0)) == 17
     assert store.read_lines(keys.metrics(0)) == [{"step": 1}, {"step": 2}]
@@ -114,10 +110,10 @@ def listening(port: int) -> list[str]:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2"])
 def test_the_store_listens_on_the_cluster_host_only(host: str) -> None:
-    s = Store(host, 0, SECRET, timeout_s=5.0, master=True)
+    s = Store(host, 0, STORE_SECRET, timeout_s=5.0, master=True)
     try:
         assert listening(s.port) == [host]
-        client = Store.from_address(s.address, SECRET, timeout_s=5.0)
+        client = Store.from_address(s.address, STORE_SECRET, timeout_s=5.0)
         client.set_json(keys.ROOT_STATE, {"gen": 1})
         assert s.get_json(keys.ROOT_STATE) == {"gen": 1}
     finally:

@@ -99,6 +99,14 @@ class CheckpointBackend(ABC):
     allocates = False
     """Whether ``prepare`` sets up checkpoint memory (slots) whose cost a restart pays."""
 
+    persists_periodically = False
+    """Whether a persistent tier is written every ``backend.persist_every_s``
+    besides the checkpoints themselves: the trainer then agrees on that period
+    in steps and sets :attr:`persist_interval`."""
+
+    persist_interval = 0
+    """Steps between writes to the persistent tier (0: not yet agreed, or none)."""
+
     def prepare(self, state: TrainState) -> dict[str, Any]:
         """Allocate what checkpoints need, once, before training (its cost is reported apart).
 

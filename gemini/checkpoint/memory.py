@@ -106,6 +106,7 @@ class MemoryBackend(CheckpointBackend):
 
     name = "memory"
     allocates = True
+    persists_periodically = True
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
@@ -118,8 +119,6 @@ class MemoryBackend(CheckpointBackend):
         self._error: BaseException | None = None
         self._persist_thread: threading.Thread | None = None
         self._persist_slot: int | None = None
-        self.persist_interval = 0
-        """Persist every this many steps (0 = not yet calibrated / never)."""
         self._disk: DiskStore | None = None
         arm = self.store.get_json_or(keys.inject_arm(ctx.rank))
         if arm is not None and arm.get("after_gen") is not None:

@@ -247,7 +247,7 @@ class CadenceAgreement:
         self.policy = cadence_for(cfg)
         self.backend, self.device = backend, device
         self.adaptive = b.cadence != "every_n"
-        self.persist_every_s = b.persist_every_s if hasattr(backend, "persist_interval") else 0.0
+        self.persist_every_s = b.persist_every_s if backend.persists_periodically else 0.0
         self.iters: list[float] = []
 
     def should_checkpoint(self, step: int) -> bool:
@@ -266,7 +266,7 @@ class CadenceAgreement:
             t_iter = torch.tensor([sum(self.iters) / 3], device=self.device)
             dist.all_reduce(t_iter, op=dist.ReduceOp.MAX)
             period = max(1, math.ceil(self.persist_every_s / float(t_iter)))
-            self.backend.persist_interval = period  # type: ignore[attr-defined]
+            self.backend.persist_interval = period
         return cost
 
 
