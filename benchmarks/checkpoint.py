@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import multiprocessing as mp
 import os
 import re
@@ -141,6 +142,30 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def add_saved_results_args(ap: argparse.ArgumentParser, markdown_help: str) -> None:
+    """``--save``/``--from``/``--markdown``: a benchmark's tables can be
+    reprinted from the measurements it saved, without measuring again."""
+    ap.add_argument("--save", metavar="JSON", help="also write the measurements to this file")
+    ap.add_argument(
+        "--from",
+        dest="from_json",
+        metavar="JSON",
+        help="measure nothing: print the tables of a file written by --save",
+    )
+    ap.add_argument("--markdown", action="store_true", help=markdown_help)
+
+
+def measured_or_saved(a: argparse.Namespace, measure: Callable[[argparse.Namespace], Any]) -> Any:
+    """The results named by ``--from``, or fresh ones (written to ``--save`` if asked)."""
+    if a.from_json:
+        return json.loads(Path(a.from_json).read_text())
+    results = measure(a)
+    if a.save:
+        Path(a.save).write_text(json.dumps(results, indent=1, default=str) + "\n")
+        print(f"measurements saved to {a.save} (reprint with --from {a.save})")
+    return results
 
 
 def _alternating(

@@ -63,7 +63,6 @@ Compare numbers only within one run of this script: the machine is shared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -74,9 +73,23 @@ from typing import Any
 import torch
 
 try:
-    from benchmarks.checkpoint import compose, machine, markdown, run_job
+    from benchmarks.checkpoint import (
+        add_saved_results_args,
+        compose,
+        machine,
+        markdown,
+        measured_or_saved,
+        run_job,
+    )
 except ModuleNotFoundError:  # run as a script, as `make bench` does: siblings are top level
-    from checkpoint import compose, machine, markdown, run_job  # type: ignore[no-redef]
+    from checkpoint import (  # type: ignore[no-redef]
+        add_saved_results_args,
+        compose,
+        machine,
+        markdown,
+        measured_or_saved,
+        run_job,
+    )
 from gemini.recovery import PHASES
 
 PAPER_SHARED_GBPS = 20.0
@@ -359,6 +372,8 @@ def readme_tables(results: dict[str, Any]) -> str:
 def full_report(results: dict[str, Any]) -> None:
     """Everything the benchmark prints after measuring (also from ``--from``)."""
     print(results["probe_line"])
+    if "probe_c" in results:
+        print(results["probe_c"])
     for setting in results["settings"]:
         print(f"{setting['label']}:")
         report(setting["pair"])
@@ -423,24 +438,9 @@ def main(argv: list[str] | None = None) -> None:
         "--probe-model", default="gpt_small", help="state of the torch.save vs RAM-copy probe"
     )
     ap.add_argument("--dir", default=None, help="scratch dir (its disk is the 'local disk')")
-    ap.add_argument("--save", metavar="JSON", help="also write the measurements to this file")
-    ap.add_argument(
-        "--from",
-        dest="from_json",
-        metavar="JSON",
-        help="measure nothing: print the tables of a file written by --save",
-    )
-    ap.add_argument(
-        "--markdown", action="store_true", help="print only the README's tables (with --from too)"
-    )
+    add_saved_results_args(ap, "print only the README's tables (with --from too)")
     a = ap.parse_args(argv)
-    if a.from_json:
-        results = json.loads(Path(a.from_json).read_text())
-    else:
-        results = measure(a)
-        if a.save:
-            Path(a.save).write_text(json.dumps(results, indent=1, default=str) + "\n")
-            print(f"measurements saved to {a.save} (reprint with --from {a.save})")
+    results = measured_or_saved(a, measure)
     if a.markdown:
         print(readme_tables(results))
     else:
@@ -498,12 +498,12 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         if "c" in a.settings:
             t_iter, nbytes = probe(base, common, model)
             cap_c = round(nbytes * 8 / (a.interval * t_iter) / 1e9, 3)
-            print(
+            results["probe_c"] = (
                 f"probe: T_iter {t_iter:.3f} s without checkpoints, {nbytes / 2**20:.0f} MiB "
                 f"per rank -> (c) caps storage at {cap_c} Gbit/s per node (emulated), where "
-                f"a checkpoint takes {a.interval} iterations",
-                flush=True,
+                f"a checkpoint takes {a.interval} iterations"
             )
+            print(results["probe_c"], flush=True)
             settings.append(
                 (
                     "c",

@@ -23,16 +23,27 @@ machine line the script prints.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 try:
-    from benchmarks.checkpoint import machine, markdown, run_job
+    from benchmarks.checkpoint import (
+        add_saved_results_args,
+        machine,
+        markdown,
+        measured_or_saved,
+        run_job,
+    )
 except ModuleNotFoundError:  # run as a script: siblings are top level
-    from checkpoint import machine, markdown, run_job  # type: ignore[no-redef]
+    from checkpoint import (  # type: ignore[no-redef]
+        add_saved_results_args,
+        machine,
+        markdown,
+        measured_or_saved,
+        run_job,
+    )
 
 SCENARIOS: dict[str, tuple[str, list[str]]] = {
     "software-replicated-spares": (
@@ -171,22 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--node", type=int, default=1, help="node that fails")
     ap.add_argument("--only", help=f"comma-separated rows (default all: {', '.join(SCENARIOS)})")
     ap.add_argument("--dir", default=None, help="scratch dir for the jobs")
-    ap.add_argument("--save", metavar="JSON", help="also write the measurements to this file")
-    ap.add_argument(
-        "--from",
-        dest="from_json",
-        metavar="JSON",
-        help="measure nothing: print the table of a file written by --save",
-    )
-    ap.add_argument("--markdown", action="store_true", help="print only the README's table")
+    add_saved_results_args(ap, "print only the README's table")
     a = ap.parse_args(argv)
-    if a.from_json:
-        results = json.loads(Path(a.from_json).read_text())
-    else:
-        results = measure(a)
-        if a.save:
-            Path(a.save).write_text(json.dumps(results, indent=1, default=str) + "\n")
-            print(f"measurements saved to {a.save} (reprint with --from {a.save})")
+    results = measured_or_saved(a, measure)
     if not a.markdown:
         print("\n### Recovery by failure kind\n")
     print(table(results))

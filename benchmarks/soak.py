@@ -247,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-nodes", type=int, default=4, help="largest cluster drawn (>= 2)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per job")
     ap.add_argument("--dir", default=None, help="scratch dir for the jobs' outputs")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="start no new run after this many seconds (0 = no limit); the table\n"
+        "then counts the runs done, and says how many of those asked for",
+    )
     a = ap.parse_args(argv)
     seeds = a.replay or run_seeds(a.runs, a.seed)
     command = " ".join(["python -m benchmarks.soak", *(argv if argv is not None else sys.argv[1:])])
@@ -257,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gemini-soak-", dir=a.dir) as tmp:
         refs = References(Path(tmp), a.timeout)
         for i, s in enumerate(seeds, 1):
+            if a.budget_s > 0 and time.perf_counter() - t0 > a.budget_s:
+                print(f"budget of {a.budget_s:.0f} s spent: {i - 1} of {len(seeds)} runs done")
+                break
             d = draw(s, a.max_nodes)
             o = soak_one(d, Path(tmp), refs, a.timeout)
             outcomes.append(o)
@@ -269,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     bad = [o for o in outcomes if o.status not in ("exact", "refused") or o.leaks]
-    print(f"\nsoak of {len(seeds)} runs in {time.perf_counter() - t0:.0f} s\n")
+    print(
+        f"\nsoak of {len(outcomes)} runs (of {len(seeds)} asked for) "
+        f"in {time.perf_counter() - t0:.0f} s\n"
+    )
     print(table(outcomes))
     if bad:
         print("\nfailed runs (replay each with `python -m benchmarks.soak --replay SEED`):")
