@@ -22,7 +22,9 @@ from gemini.checkpoint.disk import (
     DiskBackend,
     DiskStore,
     encode_manifest,
+    storage_checkpoints,
     storage_complete_steps,
+    trim_storage,
 )
 from gemini.cluster.job import JobSpec
 from gemini.config import BackendConfig, GeminiConfig
@@ -164,6 +166,28 @@ def test_killed_writer_leaves_no_manifest_and_the_previous_step_intact(tmp_path:
     assert not tmp.exists()
 
 
+def test_a_trim_clears_what_a_killed_writer_left_in_the_steps_it_keeps(tmp_path: Path) -> None:
+    # Rank 1 died writing step 3; the recovery restored step 3 from memory, and
+    # step 3 may never be persisted again: its temporary file must not outlive
+    # the run.
+    config = GeminiConfig(backend=BackendConfig(path=str(tmp_path / "ckpt")))
+    store = DiskStore(tmp_path / "ckpt", "run")
+    for step in (2, 3):
+        write_step(store, step, rank=0, world_size=2)
+    write_step(store, 2, rank=1, world_size=2)
+    left = [
+        store.step_dir(3) / ".rank_00001.bin.tmp",
+        store.step_dir(3) / ".rank_00001.json.tmp",
+    ]
+    for path in left:
+        path.write_bytes(b"half")
+    assert trim_storage(config, tmp_path, "run", 3) == []
+    assert not any(p.exists() for p in left)
+    assert store.rank_steps(0) == [3, 2]
+    assert store.complete_steps(2) == [2]
+    assert store.clear_partial_writes() == []
+
+
 def test_flipped_byte_is_detected_naming_file_chunk_and_tensor(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, "run")
     manifest, buf = stage(1)
@@ -279,8 +303,6 @@ def test_a_rollback_drops_every_newer_step_and_keeps_the_restored_one(tmp_path: 
 
 
 def test_storage_reports_the_generation_of_each_complete_step(tmp_path: Path) -> None:
-    from gemini.checkpoint.disk import drop_storage_newer_than, storage_checkpoints
-
     config = GeminiConfig()
     config.backend.path = str(tmp_path / "ckpt")
     store = DiskStore(tmp_path / "ckpt", "run")
@@ -289,7 +311,7 @@ def test_storage_reports_the_generation_of_each_complete_step(tmp_path: Path) ->
     write_step(store, 3, rank=0, world_size=2, generation=1)
     write_step(store, 3, rank=1, world_size=2, generation=2)
     assert storage_checkpoints(config, tmp_path, "run", 2) == [(3, 1), (2, 1)]
-    assert drop_storage_newer_than(config, tmp_path, "run", 2) == [3]
+    assert trim_storage(config, tmp_path, "run", 2) == [3]
     assert storage_checkpoints(config, tmp_path, "run", 2) == [(2, 1)]
 
 

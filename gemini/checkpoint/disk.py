@@ -66,11 +66,11 @@ __all__ = [
     "DiskBackend",
     "DiskStore",
     "decode_manifest",
-    "drop_storage_newer_than",
     "encode_manifest",
     "storage_checkpoints",
     "storage_complete_steps",
     "storage_dir",
+    "trim_storage",
     "uses_storage",
 ]
 
@@ -526,6 +526,22 @@ class DiskStore:
             dropped.append(s)
         return dropped
 
+    def clear_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of writers that died mid-file; returns them.
+
+        A writer killed inside :meth:`_write_file` leaves its ``.<name>.tmp``
+        behind. A retry of the same step would truncate it, but after a
+        rollback that step may never be written again, and the file would
+        outlive the run. Only call this while no rank is writing.
+        """
+        cleared = []
+        for step in self._steps():
+            for tmp in self.step_dir(step).glob(".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    cleared.append(tmp)
+        return cleared
+
     def generation(self, step: int, world_size: int) -> int:
         """The oldest generation that wrote a rank's checkpoint of ``step`` (0 = unknown)."""
         return min(self.read_manifest(r, step).generation for r in range(world_size))
@@ -585,11 +601,18 @@ def storage_checkpoints(
     return out
 
 
-def drop_storage_newer_than(
-    cfg: GeminiConfig, job_dir: str | Path, run_id: str, step: int
-) -> list[int]:
-    """:meth:`DiskStore.drop_newer_than` on the job's storage."""
-    return DiskStore(storage_dir(cfg, job_dir), run_id).drop_newer_than(step)
+def trim_storage(cfg: GeminiConfig, job_dir: str | Path, run_id: str, step: int) -> list[int]:
+    """Storage's share of a recovery's trim; returns the steps dropped.
+
+    Every step above ``step`` goes (:meth:`DiskStore.drop_newer_than`), and
+    so does every temporary file a writer killed by the failure left in the
+    steps that stay (:meth:`DiskStore.clear_partial_writes`). Only call this
+    while no rank is writing: between the teardown and the next launch.
+    """
+    store = DiskStore(storage_dir(cfg, job_dir), run_id)
+    dropped = store.drop_newer_than(step)
+    store.clear_partial_writes()
+    return dropped
 
 
 # -- the backend --------------------------------------------------------------

@@ -259,7 +259,7 @@ class Recovery:
         """Every tier drops what is newer than the plan; returns nodes found dead meanwhile."""
         root = self.root
         t0 = time.time()
-        dropped = root.drop_storage_newer_than(plan.step)
+        dropped = root.trim_storage(plan.step)
         self.rec["trimmed_storage"] = sorted({*self.rec.get("trimmed_storage", []), *dropped})
         n = request_trim(self.store, plan.step, root.gen + 1)
         nodes = list(range(root.nodes))

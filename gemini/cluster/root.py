@@ -300,13 +300,13 @@ class RootAgent:
             config_hash=config_hash(self.cfg),
         )
 
-    def drop_storage_newer_than(self, step: int) -> list[int]:
-        """Storage's share of a trim: every step above ``step``, complete or not."""
-        from gemini.checkpoint.disk import drop_storage_newer_than, uses_storage
+    def trim_storage(self, step: int) -> list[int]:
+        """Storage's share of a trim: every step above ``step`` and dead writers' files."""
+        from gemini.checkpoint.disk import trim_storage, uses_storage
 
         if not uses_storage(self.cfg):
             return []
-        return drop_storage_newer_than(self.cfg, self.job.job_dir, self.job.run_id, step)
+        return trim_storage(self.cfg, self.job.job_dir, self.job.run_id, step)
 
     def timeline(self) -> Timeline:
         """Every generation's start step, from the plans published so far."""
