@@ -13,8 +13,12 @@ TORCH ?= torch==2.13.0
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k cli -x"`.
 PYTEST_ARGS ?=
 PYTEST := $(BIN)/python -m pytest --durations=15
+# The `slurm`-marked tests need a running cluster (make slurm-up): they join
+# `test` and `test-all` only while scripts/slurm.sh's cluster answers.
+# Recursive (=), so the check runs only for the targets that use it.
+NOT_SLURM = $(if $(shell scripts/slurm.sh status >/dev/null 2>&1 && echo up),, and not slurm)
 
-.PHONY: venv run test test-slow test-all lint bench soak clean
+.PHONY: venv run test test-slow test-all lint bench soak clean slurm-up slurm-down
 
 venv: $(STAMP)
 
@@ -30,14 +34,14 @@ run: venv
 
 # The default suite: everything but the slow end-to-end runs (and GPU checks).
 test: venv
-	$(PYTEST) -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not gpu$(NOT_SLURM)" $(PYTEST_ARGS)
 
 # Only the slow tests (CI runs `test` and then this, so nothing runs twice).
 test-slow: venv
 	$(PYTEST) -m "slow and not gpu" $(PYTEST_ARGS)
 
 test-all: venv
-	$(PYTEST) -m "not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu$(NOT_SLURM)" $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -57,6 +61,15 @@ bench: venv
 SOAK_ARGS ?= --runs 100 --seed 1
 soak: venv
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+
+# A single-node SLURM cluster on this machine, state under
+# ${GEMINI_SLURM_DIR:-/tmp/gemini-slurm}; point a shell at it with
+# `eval "$(scripts/slurm.sh env)"`.
+slurm-up:
+	scripts/slurm.sh up
+
+slurm-down:
+	scripts/slurm.sh down
 
 # Build outputs and tool caches; the venv and outputs/ (runs, MLflow store)
 # stay: `rm -rf .venv` for a full reinstall.
