@@ -18,7 +18,7 @@ PYTEST := $(BIN)/python -m pytest --durations=15
 # Recursive (=), so the check runs only for the targets that use it.
 NOT_SLURM = $(if $(shell scripts/slurm.sh status >/dev/null 2>&1 && echo up),, and not slurm)
 
-.PHONY: venv run test test-slow test-all lint bench soak clean slurm-up slurm-down
+.PHONY: venv run test test-slow test-all lint bench soak clean slurm-up slurm-down mlflow-server
 
 venv: $(STAMP)
 
@@ -70,6 +70,12 @@ slurm-up:
 
 slurm-down:
 	scripts/slurm.sh down
+
+# A light MLflow server over the store jobs record into, in the foreground
+# (Ctrl-C stops it): `make mlflow-server PORT=5001` for another port.
+PORT ?= 5000
+mlflow-server: venv
+	$(BIN)/python -m gemini.tracking_server --port $(PORT)
 
 # Build outputs and tool caches; the venv and outputs/ (runs, MLflow store)
 # stay: `rm -rf .venv` for a full reinstall.
