@@ -5,9 +5,9 @@ here is refused at composition, and :func:`validate` checks the values that a
 type alone cannot (ranges, cross-group consistency), builds once the objects
 the processes of a job will build from them (cadence, placement, failure
 schedule), and with ``host=True`` checks this machine (address, paths,
-/dev/shm). Every refusal is a :class:`ConfigError` that names the key, the
-value and the fix, so the entry point can print one line and exit 2 before
-the job directory, the store or any process exists.
+/dev/shm, the tracking server). Every refusal is a :class:`ConfigError` that
+names the key, the value and the fix, so the entry point can print one line
+and exit 2 before the job directory, the store or any process exists.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -201,9 +202,14 @@ class TrackingConfig:
     enabled: bool = True
     """Record the run in MLflow."""
     uri: str = ""
-    """MLflow tracking URI; empty = ``sqlite:///<abs outputs>/mlflow.db``."""
+    """MLflow tracking URI. Empty = ``sqlite:///<abs outputs>/mlflow.db``, a file every
+    job of a sweep shares (an absolute ``sqlite:///`` path picks another). Or a
+    tracking server, ``http://host:port`` or ``https://host:port[/prefix]`` (e.g. the one
+    ``make mlflow-server`` starts): jobs then need no shared filesystem for their
+    records, the server stores the artifacts, and its ``/health`` must answer before
+    a job starts. Only the controller talks to it; trainers and agents never do."""
     experiment: str = "gemini"
-    """MLflow experiment name."""
+    """MLflow experiment name (created on first use; a sweep creates it before its jobs)."""
 
 
 @dataclass
@@ -287,9 +293,9 @@ def validate(cfg: GeminiConfig, *, host: bool = False) -> None:
     policy, the replica placement, the failure schedule — and the failure
     kinds the backend cannot inject or recover exactly. With ``host=True``,
     also this machine: ``cluster.host`` bindable, storage and outputs
-    writable (nothing is created), /dev/shm large enough. The host checks are
-    for the controller before a start; a process re-reading a job's config
-    elsewhere leaves them out.
+    writable (nothing is created), /dev/shm large enough, an http(s)
+    ``tracking.uri`` answering. The host checks are for the controller before
+    a start; a process re-reading a job's config elsewhere leaves them out.
     """
     check_values(cfg)
     dry_run(cfg)
@@ -384,6 +390,7 @@ def check_values(cfg: GeminiConfig) -> None:
                 f"backend={b.name} writes no in-memory snapshot to interrupt: "
                 "use backend=memory or backend=replicated",
             )
+    check_tracking_uri(cfg.tracking)
     r = b.replication
     # two_in_group picks its pair from the placement, whatever the backend.
     if b.name == "replicated" or cfg.failure.name == "two_in_group":
@@ -394,6 +401,52 @@ def check_values(cfg: GeminiConfig) -> None:
                 f"use a factor between 1 and cluster.nodes={c.nodes}",
             )
         _choice("backend.replication.placement", r.placement, ("group", "mixed", "ring"))
+
+
+HTTP_SCHEMES = ("http", "https")
+TRACKING_PROBE_TIMEOUT_S = 5.0
+"""How long a tracking server has to answer ``/health`` before a job is refused."""
+_NO_SERVER_FIX = (
+    "start one with `make mlflow-server` (PORT=... for another port), or set tracking.uri "
+    "to an sqlite URI (empty = <outputs>/mlflow.db)"
+)
+
+
+def is_server_uri(uri: str) -> bool:
+    """``uri`` names a tracking server (http/https) rather than a store of files."""
+    return urlsplit(uri).scheme.lower() in HTTP_SCHEMES
+
+
+def check_tracking_uri(t: TrackingConfig) -> None:
+    """An http(s) tracking URI names a host and a valid port (reachability is a host check)."""
+    if not t.enabled or not is_server_uri(t.uri):
+        return
+    parts = urlsplit(t.uri)
+    try:
+        parts.port  # noqa: B018  # raises on a port that is not a number in range
+    except ValueError as e:
+        raise ConfigError("tracking.uri", t.uri, f"{e}: use http://host:port") from e
+    if not parts.hostname:
+        raise ConfigError("tracking.uri", t.uri, "names no host: use http://host:port")
+
+
+def check_tracking_server(t: TrackingConfig) -> None:
+    """An http(s) tracking URI's ``/health`` answers, or the job is refused before it starts.
+
+    Otherwise the job would train for minutes and then fail, or hang in the
+    client's retries, when it records its run.
+    """
+    if not t.enabled or not is_server_uri(t.uri):
+        return
+    from gemini.tracking_server import health_error
+
+    why = health_error(t.uri, timeout=TRACKING_PROBE_TIMEOUT_S)
+    if why is not None:
+        raise ConfigError(
+            "tracking.uri",
+            t.uri,
+            f"no MLflow server answers at {t.uri.rstrip('/')}/health ({why}): {_NO_SERVER_FIX}",
+        )
 
 
 @contextlib.contextmanager
@@ -497,7 +550,7 @@ def _check_kill_during_snapshot(cfg: GeminiConfig, events: list[Any], key: str, 
 
 def check_host(cfg: GeminiConfig) -> None:
     """This machine can hold the job: its address binds, its paths are writable, its
-    /dev/shm is large enough. Creates nothing."""
+    /dev/shm is large enough, its tracking server answers. Creates nothing."""
     c, b = cfg.cluster, cfg.backend
     try:
         infos = socket.getaddrinfo(c.host, 0, type=socket.SOCK_STREAM)
@@ -520,6 +573,8 @@ def check_host(cfg: GeminiConfig) -> None:
         from gemini.checkpoint.memory import check_shm_budget
 
         check_shm_budget(cfg)
+    # Last: the only check that may wait (on the network).
+    check_tracking_server(cfg.tracking)
 
 
 def check_writable_path(key: str, path: Path) -> None:

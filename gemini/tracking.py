@@ -2,9 +2,13 @@
 
 The store defaults to an sqlite file under outputs/ with an absolute path, so
 every job of a sweep and ``mlflow ui`` see the same store whatever the working
-directory. A multirun's parent run is created by a Hydra callback when the
-sweep starts; its id is left in the sweep dir, where each job (in this
-process, or on another machine sharing the filesystem) finds it.
+directory; ``tracking.uri=http://host:port`` records through a tracking server
+instead (``make mlflow-server``), whose ``/health`` the config check probes
+before a job starts. A multirun's experiment and parent run are created by a
+Hydra callback when the sweep starts, before its first job; the parent's id
+is left in the sweep dir, where each job (in this process, or on another
+machine sharing the filesystem) finds it. Only the controller records: the
+trainers and agents of a job never talk to the tracking store.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gemini.config import REPO_ROOT, GeminiConfig, flatten
+from gemini.config import REPO_ROOT, GeminiConfig, flatten, is_server_uri
 from gemini.recovery import RECOVERY_METRICS
 
 PARENT_FILE = "mlflow_parent_run_id"
@@ -105,12 +109,18 @@ def metric_rows(
 
 
 def tracking_uri(cfg: GeminiConfig) -> str:
+    if is_server_uri(cfg.tracking.uri):
+        # The client appends "/api/...": a trailing slash would double it.
+        return cfg.tracking.uri.rstrip("/")
     if cfg.tracking.uri:
         return cfg.tracking.uri
     return f"sqlite:///{Path(cfg.paths.outputs).resolve() / 'mlflow.db'}"
 
 
 def ui_command(uri: str) -> str:
+    """How to browse the store at ``uri``: a server is its own UI."""
+    if is_server_uri(uri):
+        return f"{uri} (the tracking server's UI)"
     return f"mlflow ui --backend-store-uri {uri}"
 
 

@@ -1,7 +1,9 @@
 """A light MLflow tracking server over the project's sqlite store (``make mlflow-server``).
 
 The store is the one every job writes (``<outputs>/mlflow.db``, see
-``gemini.tracking``), so the server shows every run without moving anything.
+``gemini.tracking``), so the server shows every run without moving anything;
+jobs given ``tracking.uri=http://host:port`` record through it instead, and
+:func:`health_error` is the probe their config check makes before a start.
 It is kept light for a 2-core machine: one worker and MLflow's job execution
 off (that would start a task queue and its consumers beside the web server).
 It runs in the foreground: Ctrl-C or SIGTERM stops the server and every
@@ -14,6 +16,7 @@ import argparse
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -60,12 +63,31 @@ def server_env() -> dict[str, str]:
     return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def healthy(uri: str) -> bool:
+def _tls_context() -> ssl.SSLContext:
+    """Verify an https server as MLflow's client will: its own variables choose how."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return ssl._create_unverified_context()
+    return ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
+
+
+def health_error(uri: str, timeout: float = 2.0) -> str | None:
+    """Why ``<uri>/health`` does not answer 200 within ``timeout`` seconds; None if it does."""
+    url = f"{uri.rstrip('/')}/health"
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-            return bool(r.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+        context = _tls_context() if url.lower().startswith("https:") else None
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as r:
+            return None if r.status == 200 else f"/health answered HTTP {r.status}"
+    except urllib.error.HTTPError as e:  # a URLError too: something answers, not MLflow
+        return f"/health answered HTTP {e.code}"
+    except urllib.error.URLError as e:
+        reason = e.reason
+        return str(getattr(reason, "strerror", None) or reason)
+    except (OSError, ValueError) as e:  # a timeout mid-answer, a missing CA file, a bad URL
+        return str(getattr(e, "strerror", None) or e) or type(e).__name__
+
+
+def healthy(uri: str) -> bool:
+    return health_error(uri) is None
 
 
 def wait_healthy(uri: str, proc: subprocess.Popen[bytes], timeout: float) -> None:

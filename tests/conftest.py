@@ -1,5 +1,6 @@
 """Shared fixtures: isolated outputs and MLflow store, config composition, the console
-script as a real subprocess, and the check that a job left nothing behind.
+script as a real subprocess, a real tracking server, and the check that a job left
+nothing behind.
 
 Every test that runs a job points ``GEMINI_OUTPUTS`` (and the MLflow store) at
 its own ``tmp_path``, so tests never write into the repository's ``outputs/``
@@ -16,8 +17,10 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ from gemini.cluster.store import Store
 
 # Where checkpoint segments live (gemini.checkpoint.slot honours the same variable).
 SHM = Path(os.environ.get("GEMINI_SHM_DIR", "/dev/shm"))
+REPO = Path(__file__).resolve().parents[1]
 # The console script of the venv that runs the tests (an editable install).
 GEMINI_BIN = Path(sys.executable).parent / "gemini"
 
@@ -359,6 +363,76 @@ def wait_for_job(outputs: Path, proc: subprocess.Popen[bytes], timeout_s: float)
                 return spec
         time.sleep(0.1)
     raise AssertionError(f"no job.json under {outputs} after {timeout_s} s")
+
+
+# -- a tracking server ------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 with nothing listening on it (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class TrackingServer(NamedTuple):
+    uri: str
+    store: Path
+    proc: subprocess.Popen[str]
+    output: list[str]
+    """Its stdout and stderr lines so far (a reader thread appends them)."""
+
+
+def start_tracking_server(store: Path, cwd: Path, timeout_s: float = 150.0) -> TrackingServer:
+    """``python -m gemini.tracking_server`` (what ``make mlflow-server`` runs) over ``store``
+    on a free port; returns once it prints "ready"."""
+    port = free_port()
+    module = [sys.executable, "-m", "gemini.tracking_server"]
+    proc = subprocess.Popen(
+        [*module, "--store", str(store), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        env={
+            **os.environ,
+            # The checkout under test, whichever one the venv was installed from.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
+    )
+    output: list[str] = []
+    out = proc.stdout
+    assert out is not None
+    threading.Thread(target=lambda: output.extend(out), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not any(x.startswith("ready") for x in output):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_tracking_server(proc)
+            raise AssertionError(f"the tracking server did not get ready:\n{''.join(output)}")
+        time.sleep(0.2)
+    return TrackingServer(f"http://127.0.0.1:{port}", store, proc, output)
+
+
+def stop_tracking_server(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
+    """SIGTERM it as Ctrl-C would; it must exit 0 and take its whole process tree along."""
+    try:
+        tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        tree = [proc.pid]
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=timeout_s)
+    deadline = time.monotonic() + 15
+    while alive := [p for p in tree if running(p)]:
+        assert time.monotonic() < deadline, f"still running after SIGTERM: {alive}"
+        time.sleep(0.2)
+    assert rc == 0, f"the tracking server exited with {rc}"
 
 
 STORE_SECRET = secrets.token_bytes(32)

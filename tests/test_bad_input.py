@@ -17,7 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import failure_free, run_cli
+from conftest import failure_free, free_port, run_cli
+
+# A tracking server's address with nothing listening.
+NO_SERVER = f"http://127.0.0.1:{free_port()}"
 
 # (id, overrides, key, value): the refused line must name both.
 CASES: list[tuple[str, list[str], str, str]] = [
@@ -80,6 +83,11 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("unwritable storage", ["backend=disk", "backend.path=/proc/gemini-nope"], "backend.path",
      "/proc/gemini-nope"),
     ("unwritable outputs", ["paths.outputs=/proc/nope"], "paths.outputs", "/proc/nope"),
+    ("tracking server not answering", [f"tracking.uri={NO_SERVER}"], "tracking.uri", NO_SERVER),
+    ("tracking server without a host", ["tracking.uri=http://:5000"], "tracking.uri",
+     "http://:5000"),
+    ("tracking server on no port", ["tracking.uri=https://127.0.0.1:99999"], "tracking.uri",
+     "https://127.0.0.1:99999"),
     # -- impossible combinations
     ("kill during a snapshot on disk", ["failure=kill_during_snapshot", "backend=disk"],
      "backend.name", "disk"),
@@ -118,6 +126,7 @@ THROUGH_THE_SCRIPT = {
     "kill during a snapshot on disk",
     "kill during a snapshot at Poisson times",
     "address of another machine",
+    "tracking server not answering",
 }
 
 # What a fix says: an instruction, not only a complaint.

@@ -12,7 +12,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,21 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from conftest import REPO, free_port, running
 
 
 def test_the_server_serves_the_given_store_and_stops_with_its_whole_tree(tmp_path: Path) -> None:
