@@ -25,7 +25,9 @@ from conftest import (
 
 from gemini.tracking_server import health_error
 
-pytestmark = pytest.mark.usefixtures("no_leftovers")
+# Slow all of it: the server alone takes 15-30 s to start here, a job 40 s more
+# (make test still covers the refusal, in test_bad_input, and the server itself).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 
 Cli = Callable[..., tuple[int, str, str]]
 
@@ -103,7 +105,6 @@ def test_a_job_records_params_metrics_tags_and_artifacts_through_the_server(
     assert server.uri in out, "the results point at the server to browse"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_sweep_creates_its_experiment_and_parent_run_once_before_its_jobs(
     server: TrackingServer, gemini_cli: Cli, tmp_path: Path, outputs_dir: Path
