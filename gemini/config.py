@@ -251,6 +251,8 @@ def register_configs() -> None:
 
 
 BACKENDS = ("none", "disk", "memory", "replicated")
+LAUNCHERS = ("local",)
+"""What ``cluster.launcher`` may be: one per ``gemini.cluster.base.Cluster`` implementation."""
 PARALLELS = ("ddp", "zero")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 DEVICES = ("auto", "cpu", "cuda")
@@ -322,7 +324,7 @@ def check_values(cfg: GeminiConfig) -> None:
             raise ConfigError(
                 "train.seq_len", t.seq_len, f"must be <= model.block_size={m.block_size}"
             )
-    _choice("cluster.launcher", c.launcher, ("local",))
+    _choice("cluster.launcher", c.launcher, LAUNCHERS)
     _at_least("cluster.nodes", c.nodes, 1, "must be >= 1: set cluster.nodes=1 or more")
     _at_least("cluster.ranks_per_node", c.ranks_per_node, 1, "must be >= 1")
     _at_least("cluster.threads_per_rank", c.threads_per_rank, 1, "must be >= 1")

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +27,11 @@ from gemini.config import ConfigError, GeminiConfig, to_schema, validate
 from gemini.exactness import Verdict, look_up_verdict, run_tags
 from gemini.recovery import PHASES, RECOVERY_METRICS
 from gemini.tracking import tracking_uri, ui_command
+
+if TYPE_CHECKING:
+    from gemini.cluster.base import Cluster
+    from gemini.cluster.store import Store
+    from gemini.failures import Injector
 
 
 class JobFailed(RuntimeError):
@@ -89,8 +94,8 @@ class Controller:
 
     def run(self) -> dict[str, Any]:
         from gemini.checkpoint.preflight import preflight
+        from gemini.cluster.base import make_cluster
         from gemini.cluster.job import JobSpec, new_secret_file
-        from gemini.cluster.local import LocalCluster
         from gemini.cluster.store import Store
         from gemini.failures import Injector
 
@@ -109,7 +114,7 @@ class Controller:
         (self.job_dir / "config.resolved.yaml").write_text(
             OmegaConf.to_yaml(OmegaConf.structured(cfg))
         )
-        cluster = LocalCluster(job, store)
+        cluster = make_cluster(job, store)
         injector = Injector(job, store, cluster)
         t0 = time.time()
         outcome = "error"
@@ -168,7 +173,7 @@ class Controller:
             )
         return summary
 
-    def watch(self, store: Any, cluster: Any, injector: Any) -> str:
+    def watch(self, store: Store, cluster: Cluster, injector: Injector) -> str:
         """Serve the cluster until the root declares the job over; show progress."""
         bar = None
         if self.cfg.progress:
@@ -197,7 +202,7 @@ class Controller:
                     self.reason = res.get("reason", "")
                     return str(res["status"])
                 if bar is not None:
-                    step = progress(store, cluster.job.world_size)
+                    step = progress(store, c.nodes * c.ranks_per_node)
                     if step != last:
                         bar.update(step - last)
                         last = step

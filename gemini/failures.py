@@ -1,12 +1,14 @@
 """The failure injector: fires a schedule's events at the processes of a running job.
 
-A *software* failure is a SIGKILL of one trainer rank: its node and the
-node's checkpoint memory survive. A *hardware* failure kills the node's whole
+A *software* failure kills one trainer rank: its node and the node's
+checkpoint memory survive. A *hardware* failure kills the node's whole
 process tree and frees its shared memory: the machine is gone. *root_loss*
 kills the root agent. *corruption* flips bytes in a replica held for a node
 and then fails that node, so recovery has to notice and pick the next
-source. *kill_during_snapshot* is armed in the trainer itself (only it knows
-when it is half-way through a copy) and it records its own injection.
+source. Each kill is an operation of the job's ``gemini.cluster.base.Cluster``,
+which alone knows where the processes run and how to reach them.
+*kill_during_snapshot* is armed in the trainer itself (only it knows when it
+is half-way through a copy) and it records its own injection.
 
 Every injection is written to the store with its wall time, from which the
 root measures detection latency. The schedule itself is pure
@@ -15,9 +17,6 @@ root measures detection latency. The schedule itself is pure
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +24,8 @@ from gemini.cluster import keys
 from gemini.schedules import FailureEvent, build_schedule
 
 if TYPE_CHECKING:
+    from gemini.cluster.base import Cluster
     from gemini.cluster.job import JobSpec
-    from gemini.cluster.local import LocalCluster
     from gemini.cluster.store import Store
     from gemini.config import GeminiConfig
 
@@ -70,7 +69,7 @@ def schedule_for(cfg: GeminiConfig) -> list[FailureEvent]:
 
 
 class Injector:
-    def __init__(self, job: JobSpec, store: Store, cluster: LocalCluster) -> None:
+    def __init__(self, job: JobSpec, store: Store, cluster: Cluster) -> None:
         self.job, self.store, self.cluster = job, store, cluster
         # Built once already by gemini.config.validate before the job started.
         self.events = schedule_for(job.cfg)
@@ -168,20 +167,17 @@ class Injector:
                 return False
             record["t"] = time.time()
             self.store.push(keys.INJECT, record)
-            for info in infos:
-                assert info is not None
-                _kill(int(info["pid"]))
+            for n in ev.nodes:
+                self.cluster.kill_trainers(n, [ev.rank_in_node])
         elif ev.kind == "hardware":
             record["t"] = time.time()
             self.store.push(keys.INJECT, record)
             for n in ev.nodes:
                 self.cluster.kill_node(n)
         elif ev.kind == "root_loss":
-            info = self.store.get_json_or(keys.ROOT_PID)
             record["t"] = time.time()
             self.store.push(keys.INJECT, record)
-            if info is not None:
-                _kill(int(info["pid"]))
+            self.cluster.kill_root()
         elif ev.kind == "corruption":
             from gemini.checkpoint.node_memory import corrupt_replica
 
@@ -197,8 +193,3 @@ class Injector:
 
     def stop(self) -> None:
         self.pending = []
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)

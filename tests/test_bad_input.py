@@ -43,6 +43,8 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("no ranks per node", ["cluster.ranks_per_node=0"], "cluster.ranks_per_node", "0"),
     ("zero heartbeat", ["cluster.heartbeat_s=0"], "cluster.heartbeat_s", "0"),
     ("unknown device", ["cluster.device=tpu"], "cluster.device", "tpu"),
+    ("unknown launcher", ["cluster.launcher=carrier-pigeon"], "cluster.launcher",
+     "carrier-pigeon"),
     ("more nodes than the host holds", ["cluster.nodes=64"], "cluster.nodes", "64"),
     ("no steps", ["train.steps=0"], "train.steps", "0"),
     ("zero learning rate", ["train.lr=0"], "train.lr", "0"),

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
+from gemini.cluster.local import LocalCluster
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig, validate
 from gemini.failures import Injector, schedule_for
@@ -62,8 +63,9 @@ def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
         secret_file=str(secret_file),
         config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
     )
-    # Software failures are signals to trainers: no node launcher is involved.
-    return Injector(job, store, cluster=None)  # type: ignore[arg-type]
+    # Software failures kill trainers alone: the cluster is never started, so
+    # no node launcher is involved.
+    return Injector(job, store, LocalCluster(job, store))
 
 
 def announce(store: Store, procs: list[subprocess.Popen[bytes]], step: int) -> None:

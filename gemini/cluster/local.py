@@ -1,17 +1,21 @@
 """The local launcher: a simulated cluster of N nodes as process trees on this host.
 
-Each node is a node launcher process in its own session (so the injector can
-take exactly one node down, and a Ctrl-C reaches only the controller, which
-then tears everything down in order). The root agent is a process of its own.
-The launcher also serves the root's requests for a fresh node, which is how a
-hardware failure's "replace the machine" happens here.
+The ``cluster.launcher=local`` implementation of ``gemini.cluster.base.Cluster``.
+Each node is a node launcher process in its own session (so that exactly one
+node can be taken down, and a Ctrl-C reaches only the controller, which then
+tears everything down in order). The root agent is a process of its own.
+Every process is on this host, so a failure is a signal to a PID the store or
+this object holds, and "replace the machine" is a fresh process tree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -56,6 +60,9 @@ def sweep_stale_segments() -> list[str]:
 
 
 class LocalCluster:
+    """N simulated nodes and the root agent as process trees on this host
+    (the methods' contracts are :class:`gemini.cluster.base.Cluster`'s)."""
+
     def __init__(self, job: JobSpec, store: Store) -> None:
         self.job, self.store = job, store
         self.job_path = str(Path(job.job_dir) / "job.json")
@@ -79,9 +86,9 @@ class LocalCluster:
         )
         self.store.set_json(keys.ROOT_PID, {"pid": self.root.pid})
         for n in range(self.job.cfg.cluster.nodes):
-            self.start_node(n)
+            self._start_node(n)
 
-    def start_node(self, node: int) -> None:
+    def _start_node(self, node: int) -> None:
         self.nodes[node] = spawn_module(
             "gemini.cluster.node",
             ["--job", self.job_path, "--node", str(node)],
@@ -91,29 +98,46 @@ class LocalCluster:
         )
         self.store.set_json(keys.launcher(node), {"pid": self.nodes[node].pid})
 
+    def service(self) -> None:
+        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
+            self.spawn_seen = n
+            node = int(req["node"])
+            self.replace_node(node)
+            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
+
+    def kill_trainers(self, node: int, ranks: Sequence[int]) -> None:
+        # Each trainer records its PID under its generation when it starts;
+        # the current generation's are the ones a failure now would hit.
+        gen = int(self.store.get_json_or(keys.GEN, 0))
+        rpn = self.job.cfg.cluster.ranks_per_node
+        for r in ranks:
+            info = self.store.get_json_or(keys.trainer(gen, node * rpn + r))
+            if info is not None:
+                _kill(int(info["pid"]))
+
     def kill_node(self, node: int) -> None:
-        """A hardware failure: the node's whole process tree and its memory are gone."""
         p = self.nodes.get(node)
         if p is not None:
             kill_tree(p.pid)
             p.wait()
         unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
 
-    def service(self) -> None:
-        """Serve the root's requests to replace nodes (fresh process tree, empty memory)."""
-        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
-            self.spawn_seen = n
-            node = int(req["node"])
-            p = self.nodes.get(node)
-            if p is not None and p.poll() is None:
-                kill_tree(p.pid)
-            unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
-            self.start_node(node)
-            self.replaced.append((node, time.time()))
-            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
+    def kill_root(self) -> None:
+        # Not self.root: after an election the root is a child of a node's
+        # agent, and only the store knows its PID.
+        info = self.store.get_json_or(keys.ROOT_PID)
+        if info is not None:
+            _kill(int(info["pid"]))
+
+    def replace_node(self, node: int) -> None:
+        p = self.nodes.get(node)
+        if p is not None and p.poll() is None:
+            kill_tree(p.pid)
+        unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
+        self._start_node(node)
+        self.replaced.append((node, time.time()))
 
     def teardown(self) -> None:
-        """Stop everything this job started, and free its shared memory."""
         with contextlib.suppress(Exception):
             self.store.set(keys.ABORT, "1")
         procs = [p for p in [self.root, *self.nodes.values()] if p is not None]
@@ -135,3 +159,8 @@ class LocalCluster:
         unlink_prefix(f"gemini-{self.job.run_id}-")
         # Every process that needed the secret is gone.
         Path(self.job.secret_file).unlink(missing_ok=True)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
