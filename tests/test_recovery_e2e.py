@@ -251,7 +251,11 @@ def test_losing_a_whole_group_falls_back_to_persistent_storage_exactly(
         run_job,
         "backend=replicated",
         "backend.replication.factor=2",
-        "backend.persist_every_s=0.5",
+        # A period in steps, not seconds: on a loaded host a time period may
+        # not have persisted anything by the failure, and the test would
+        # restart from scratch instead of reading storage.
+        "backend.persist_every_s=0",
+        "backend.persist_every_n=2",
         "failure=two_in_group",
         f"failure.at_step={AT_STEP}",
     )
