@@ -67,7 +67,8 @@ class ModelConfig:
 @dataclass
 class ClusterConfig:
     launcher: str = "local"
-    """How nodes are started: ``local`` (N node launchers on this host)."""
+    """How nodes are started: ``local`` (N node launchers on this host) or ``slurm`` (one
+    SLURM task per node, started by ``hydra/launcher=slurm`` or ``submitit_local``)."""
     nodes: int = 4
     """Simulated machines; each runs a node launcher, a worker agent and its ranks."""
     ranks_per_node: int = 1
@@ -90,8 +91,22 @@ class ClusterConfig:
     """Keep one pre-started trainer per rank (torch imported, at idle priority), so a
     restart after a failure skips the interpreter start-up (~1.5 s instead of ~9 s
     here). Their one-time import competes with training on a host with few cores."""
+    standby_nodes: int = 0
+    """Spare nodes started with the job (``slurm``: extra tasks of the same SLURM job);
+    a failed node's index is taken over by one. With none left, a failed node is
+    restarted afresh where it ran, as the local cluster does."""
     host: str = "127.0.0.1"
-    """Address the controller's KV store and the agents' transports bind to."""
+    """Address the controller's KV store binds to (``slurm``: 0.0.0.0, dialled by the
+    other tasks at task 0's host name)."""
+    store_port: int = 0
+    """Port of the KV store; 0 = a free one locally, one derived from the SLURM job id
+    under ``slurm`` (so every task knows it without asking)."""
+    bind_host: str = ""
+    """Address each agent's replication transport binds to; empty = ``host`` locally,
+    all interfaces (0.0.0.0) under ``slurm``."""
+    advertise_host: str = ""
+    """Address peers dial to reach an agent's transport (published through the store);
+    empty = ``bind_host`` when it is a single address, else this machine's host name."""
 
 
 @dataclass
@@ -251,7 +266,7 @@ def register_configs() -> None:
 
 
 BACKENDS = ("none", "disk", "memory", "replicated")
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "slurm")
 """What ``cluster.launcher`` may be: one per ``gemini.cluster.base.Cluster`` implementation."""
 PARALLELS = ("ddp", "zero")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
@@ -329,6 +344,18 @@ def check_values(cfg: GeminiConfig) -> None:
     _at_least("cluster.ranks_per_node", c.ranks_per_node, 1, "must be >= 1")
     _at_least("cluster.threads_per_rank", c.threads_per_rank, 1, "must be >= 1")
     _at_least("cluster.missed_beats", c.missed_beats, 1, "must be >= 1")
+    _at_least("cluster.standby_nodes", c.standby_nodes, 0, "must be >= 0")
+    if c.standby_nodes and c.launcher == "local":
+        raise ConfigError(
+            "cluster.standby_nodes",
+            c.standby_nodes,
+            "standby nodes are spare tasks of a SLURM job: use cluster=slurm, or "
+            "cluster.standby_nodes=0 locally",
+        )
+    if not 0 <= c.store_port <= 65535:
+        raise ConfigError(
+            "cluster.store_port", c.store_port, "use a port in [1, 65535], or 0 for a free one"
+        )
     _at_least("cluster.max_restarts", c.max_restarts, 0, "must be >= 0")
     if c.heartbeat_s <= 0:
         raise ConfigError("cluster.heartbeat_s", c.heartbeat_s, "must be > 0 seconds")
