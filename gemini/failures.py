@@ -3,15 +3,16 @@
 A *software* failure kills one trainer rank: its node and the node's
 checkpoint memory survive. A *hardware* failure kills the node's whole
 process tree and frees its shared memory: the machine is gone. *root_loss*
-kills the root agent. *corruption* flips bytes in a replica held for a node
-and then fails that node, so recovery has to notice and pick the next
-source. Each kill is an operation of the job's ``gemini.cluster.base.Cluster``,
-which alone knows where the processes run and how to reach them.
+kills the root agent. *corruption* fails a node and then flips bytes in a
+replica a peer holds for it, so recovery has to notice and pick the next
+source. Each kill is an operation of the job's ``gemini.cluster.base.Cluster``:
+an order the target's own agent carries out (``gemini.cluster.orders``), so
+nothing here knows a PID or opens another node's memory.
 *kill_during_snapshot* is armed in the trainer itself (only it knows when it
 is half-way through a copy) and it records its own injection.
 
-Every injection is written to the store with its wall time, from which the
-root measures detection latency. The schedule itself is pure
+Every injection is written to the store (``inject/*``) with the wall time at
+which it landed, from which the root measures detection latency. The schedule itself is pure
 (``gemini.schedules``): one seed, one schedule.
 """
 
@@ -153,6 +154,7 @@ class Injector:
             "what": ev.describe(),
         }
         rpn = self.job.cfg.cluster.ranks_per_node
+        landed: float | None = None
         if ev.kind == "software":
             # Every node of the event loses its rank: a correlated or
             # two-in-group software failure kills them all at once.
@@ -165,29 +167,30 @@ class Injector:
                 # A restart is under way and its trainers are not all up:
                 # the event must hit the next generation, not vanish.
                 return False
-            record["t"] = time.time()
-            self.store.push(keys.INJECT, record)
-            for n in ev.nodes:
-                self.cluster.kill_trainers(n, [ev.rank_in_node])
+            landed = self.cluster.kill_trainers(ev.nodes, [ev.rank_in_node], record)
         elif ev.kind == "hardware":
-            record["t"] = time.time()
-            self.store.push(keys.INJECT, record)
-            for n in ev.nodes:
-                self.cluster.kill_node(n)
+            landed = self.cluster.kill_nodes(ev.nodes, record)
         elif ev.kind == "root_loss":
-            record["t"] = time.time()
-            self.store.push(keys.INJECT, record)
-            self.cluster.kill_root()
+            landed = self.cluster.kill_root(record)
         elif ev.kind == "corruption":
-            from gemini.checkpoint.node_memory import corrupt_replica
+            from gemini.checkpoint.memory import replica_holders
 
             # Kill first: a live source would overwrite the damaged replica
-            # with its next step before recovery ever looked at it.
-            record["t"] = time.time()
-            for n in ev.nodes:
-                self.cluster.kill_node(n)
-            record["corrupted"] = corrupt_replica(self.job, self.store, ev.nodes[0] * rpn)
-            self.store.push(keys.INJECT, record)
+            # with its next step before recovery ever looked at it. The
+            # record goes out once the damage is done (detection, by missed
+            # beats, comes seconds later).
+            node = ev.nodes[0]
+            landed = self.cluster.kill_nodes(ev.nodes)
+            record["corrupted"] = {}
+            for holder in replica_holders(self.job.cfg, node):
+                record["corrupted"] = self.cluster.corrupt_replica(holder, node * rpn)
+                if record["corrupted"]:
+                    break
+            self.store.push(keys.INJECT, {**record, "t": landed or record["t"]})
+        if landed is None:
+            record["unacknowledged"] = True
+        else:
+            record["t"] = landed
         self.fired.append(record)
         return True
 

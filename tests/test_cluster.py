@@ -1,5 +1,6 @@
-"""The cluster interface: ``cluster.launcher`` picks an implementation, and the
-local one does what the interface promises to real processes.
+"""The cluster interface: ``cluster.launcher`` picks an implementation, and
+failures are carried out by their targets' own agents (``gemini.cluster.orders``)
+on real processes.
 
 Whole jobs that fail through the interface (software, hardware, root loss,
 corruption) are in tests/test_recovery_e2e.py and tests/test_failure_kinds_e2e.py.
@@ -7,19 +8,26 @@ corruption) are in tests/test_recovery_e2e.py and tests/test_failure_kinds_e2e.p
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import STORE_SECRET
 from omegaconf import OmegaConf
 
 from gemini.cluster import keys
+from gemini.cluster.agent import WorkerAgent
 from gemini.cluster.base import Cluster, make_cluster
 from gemini.cluster.job import JobSpec
 from gemini.cluster.local import LocalCluster
+from gemini.cluster.processes import spawn_module
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig
 
@@ -77,36 +85,132 @@ def test_an_unknown_launcher_is_refused_naming_the_key(signed_store: Store, tmp_
     assert "local" in e.value.fix
 
 
-def test_killing_trainers_kills_only_those_ranks_of_that_node_in_the_current_generation(
+def obey_while(agent: WorkerAgent, work: Callable[[], Any]) -> Any:
+    """Run ``work`` (which sends an order and waits for its ack) on a thread while
+    the agent's loop serves its inbox, as it does ten times a second in a job."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(work()))
+    thread.start()
+    while thread.is_alive():
+        agent.obey_orders()
+        time.sleep(0.01)
+    return out[0]
+
+
+def test_killing_trainers_is_carried_out_by_their_own_agent(
     signed_store: Store, sleepers: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    cluster: Cluster = LocalCluster(job_for(signed_store, tmp_path), signed_store)
-    # Generation 1's trainers are up; generation 0's records are stale PIDs
-    # that must not be signalled (here: the rank that is to survive).
+    job = job_for(signed_store, tmp_path)
+    cluster: Cluster = LocalCluster(job, signed_store)
+    agent = WorkerAgent(job, 1)
+    agent.gen = 1
+    agent.trainers = {2: sleepers[2], 3: sleepers[3]}  # node 1's ranks
     signed_store.set_json(keys.GEN, 1)
-    for rank, p in enumerate(sleepers):
-        signed_store.set_json(keys.trainer(1, rank), {"pid": p.pid, "node": rank // 2})
-    signed_store.set_json(keys.trainer(0, 3), {"pid": sleepers[2].pid, "node": 1})
-    cluster.kill_trainers(1, [1])
+    record = {"id": 0, "kind": "software", "what": "test"}
+    t = obey_while(agent, lambda: cluster.kill_trainers([1], [1], record))
     assert sleepers[3].wait(timeout=10) == -9, "the named trainer survived"
     assert [p.poll() for p in sleepers[:3]] == [None] * 3, "another trainer was killed"
+    # The record is stamped by the agent when the kill landed, and only once.
+    injected = [rec for _, rec in signed_store.items(keys.INJECT)]
+    assert injected == [{**record, "t": t}]
 
 
-def test_killing_a_trainer_that_is_not_up_is_skipped(
+def test_an_order_for_a_past_generation_kills_nothing(
     signed_store: Store, sleepers: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    cluster: Cluster = LocalCluster(job_for(signed_store, tmp_path), signed_store)
-    cluster.kill_trainers(0, [0, 1])
+    job = job_for(signed_store, tmp_path)
+    cluster: Cluster = LocalCluster(job, signed_store)
+    agent = WorkerAgent(job, 0)
+    agent.gen = 2  # restarted since the order was sent for generation 1
+    agent.trainers = {0: sleepers[0], 1: sleepers[1]}
+    signed_store.set_json(keys.GEN, 1)
+    obey_while(agent, lambda: cluster.kill_trainers([0], [0, 1]))
     assert all(p.poll() is None for p in sleepers)
 
 
-def test_killing_the_root_kills_the_process_the_store_names_as_root(
+def test_an_order_is_carried_out_once_even_by_a_replacement_agent(
     signed_store: Store, sleepers: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    # After an election the root is not a process the cluster started: only
-    # the store knows which one it is.
-    cluster: Cluster = LocalCluster(job_for(signed_store, tmp_path), signed_store)
-    signed_store.set_json(keys.ROOT_PID, {"pid": sleepers[1].pid})
-    cluster.kill_root()
-    assert sleepers[1].wait(timeout=10) == -9
-    assert all(p.poll() is None for i, p in enumerate(sleepers) if i != 1)
+    job = job_for(signed_store, tmp_path)
+    cluster: Cluster = LocalCluster(job, signed_store)
+    signed_store.set_json(keys.GEN, 1)
+    first = WorkerAgent(job, 0)
+    first.gen = 1
+    first.trainers = {0: sleepers[0]}
+    obey_while(first, lambda: cluster.kill_trainers([0], [0]))
+    assert sleepers[0].wait(timeout=10) == -9
+    second = WorkerAgent(job, 0)
+    second.gen = 1
+    second.trainers = {0: sleepers[1]}
+    second.obey_orders()
+    assert sleepers[1].poll() is None
+
+
+def test_an_unsigned_order_is_ignored(
+    signed_store: Store, sleepers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    job = job_for(signed_store, tmp_path)
+    agent = WorkerAgent(job, 0)
+    agent.gen = 1
+    agent.trainers = {0: sleepers[0]}
+    queue = keys.node_orders(0)
+    n = signed_store.incr(keys.queue_length(queue))
+    forged = json.dumps({"op": "kill_trainers", "ranks": [0], "gen": 1})
+    signed_store.raw.set(keys.queue_item(queue, n), forged)
+    agent.obey_orders()
+    assert sleepers[0].poll() is None
+
+
+def test_a_hardware_failure_is_the_agent_killing_its_node_and_freeing_its_memory(
+    signed_store: Store, tmp_path: Path
+) -> None:
+    from gemini.checkpoint.slot import SHM_DIR
+
+    job = job_for(signed_store, tmp_path)
+    job.run_id = f"t{os.getpid():x}"
+    job.save()
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    mine = SHM_DIR / f"gemini-{job.run_id}-n1-r2-local"
+    other = SHM_DIR / f"gemini-{job.run_id}-n0-r0-local"
+    for seg in (mine, other):
+        seg.write_bytes(b"x")
+    agent = spawn_module(
+        "gemini.cluster.agent",
+        ["--job", str(tmp_path / "job.json"), "--node", "1"],
+        log_path=tmp_path / "agent1.log",
+    )
+    try:
+        assert signed_store.wait_for(keys.agent(1), timeout_s=60)
+        cluster: Cluster = LocalCluster(job, signed_store)
+        t = cluster.kill_nodes([1], {"id": 0, "kind": "hardware"})
+        assert agent.wait(timeout=10) == -9
+        assert t is not None
+        assert not mine.exists(), "the node's memory was not freed"
+        assert other.exists(), "another node's memory was freed"
+    finally:
+        other.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)
+        if agent.poll() is None:
+            agent.kill()
+
+
+def test_a_root_loss_is_the_root_killing_itself(signed_store: Store, tmp_path: Path) -> None:
+    # The root's inbox watcher, alone in a process of its own (it ends that process).
+    job = job_for(signed_store, tmp_path)
+    job.save()
+    code = (
+        "import sys, threading; from gemini.cluster.job import JobSpec; "
+        "from gemini.cluster.root import obey_orders; "
+        "obey_orders(JobSpec.load(sys.argv[1]), threading.Event())"
+    )
+    root = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "job.json")])
+    try:
+        cluster: Cluster = LocalCluster(job, signed_store)
+        t = cluster.kill_root({"id": 0, "kind": "root_loss"})
+        assert root.wait(timeout=30) == -9
+        assert [rec for _, rec in signed_store.items(keys.INJECT)] == [
+            {"id": 0, "kind": "root_loss", "t": t}
+        ]
+    finally:
+        if root.poll() is None:
+            root.kill()

@@ -221,23 +221,20 @@ def make_agent_services(job: JobSpec, node: int, store: Store) -> AgentServices:
     return AgentServices(job, node, store)
 
 
-def corrupt_replica(job: JobSpec, store: Store, rank: int) -> dict[str, Any]:
-    """Flip a byte in the newest complete replica of ``rank`` held by a peer."""
-    from gemini.checkpoint.memory import replica_holders
-
-    node = rank // job.cfg.cluster.ranks_per_node
-    for holder in replica_holders(job.cfg, node):
-        try:
-            slots = SlotSet.open(shm_name(job.run_id, holder, rank, "replica"))
-        except SlotError:
-            continue
-        with slots:
-            newest = slots.newest_complete()
-            if newest is None:
-                continue
-            step, idx = newest
-            view = slots.data_view(idx)
-            pos = slots.header(idx).data_len // 2
-            view[pos] ^= 0xFF
-            return {"holder": holder, "rank": rank, "step": step, "offset": pos}
-    return {}
+def corrupt_held_replica(job: JobSpec, holder: int, rank: int) -> dict[str, Any]:
+    """Flip a byte in the newest complete replica of ``rank`` that node ``holder``
+    keeps (called by ``holder``'s own agent, on an order: nothing opens another
+    node's memory); empty when it holds none."""
+    try:
+        slots = SlotSet.open(shm_name(job.run_id, holder, rank, "replica"))
+    except SlotError:
+        return {}
+    with slots:
+        newest = slots.newest_complete()
+        if newest is None:
+            return {}
+        step, idx = newest
+        view = slots.data_view(idx)
+        pos = slots.header(idx).data_len // 2
+        view[pos] ^= 0xFF
+        return {"holder": holder, "rank": rank, "step": step, "offset": pos}

@@ -22,8 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from gemini.cluster import keys
 from gemini.cluster.job import JobSpec
+from gemini.cluster.orders import Inbox
 from gemini.cluster.processes import spawn_module, terminate_tree
 from gemini.cluster.store import Store
 
@@ -85,6 +88,7 @@ class WorkerAgent:
         self.spares: dict[int, subprocess.Popen[bytes]] = {}
         self.launched_at = time.monotonic()
         self.use_spares = self.cfg.cluster.warm_spares
+        self.inbox = Inbox(self.store, keys.node_orders(node))
 
     def start_services(self) -> dict[str, Any]:
         """The node's checkpoint services; their address goes into the registration."""
@@ -108,6 +112,7 @@ class WorkerAgent:
             while not self._stopping:
                 if self.store.exists(keys.DONE) or self.store.exists(keys.ABORT):
                     break
+                self.obey_orders()
                 g = self.generation()
                 # Only a generation the root planned (a signed plan) is launched.
                 if g > self.gen and self.store.exists(keys.plan(g)):
@@ -212,6 +217,55 @@ class WorkerAgent:
                 terminate_tree(proc.pid, grace_s=2.0)
         self.poll_trainers()
         self.trainers = {}
+
+    # -- failures ordered by the injector (gemini.cluster.orders) --------------------
+    def obey_orders(self) -> None:
+        for n, order in self.inbox.pending():
+            op = order.get("op")
+            if op == "kill_trainers":
+                # Only the generation the order saw: a restart since then has
+                # other trainers, which the failure never aimed at.
+                same_gen = int(order.get("gen", -1)) == self.gen
+                procs = [
+                    self.trainers.get(self.ranks[i])
+                    for i in order.get("ranks", [])
+                    if same_gen and 0 <= int(i) < len(self.ranks)
+                ]
+                t = self.inbox.record_injection(order)
+                killed = []
+                for proc in procs:
+                    if proc is not None and proc.poll() is None:
+                        proc.kill()
+                        killed.append(proc.pid)
+                self.inbox.ack(n, t=t, killed=killed)
+            elif op == "kill_node":
+                t = self.inbox.record_injection(order)
+                self.inbox.ack(n, t=t)
+                self.die()
+            elif op == "corrupt":
+                from gemini.checkpoint.node_memory import corrupt_held_replica
+
+                result = corrupt_held_replica(self.job, self.node, int(order.get("rank", -1)))
+                self.inbox.ack(n, result=result)
+            else:
+                self.inbox.ack(n, error=f"unknown order {op!r}")
+
+    def die(self) -> None:
+        """A hardware failure of this node: everything below this agent dies at
+        once, the node's shared memory is freed, then the agent itself dies.
+
+        No goodbye: the heartbeats just stop, as they do when a machine is lost,
+        and the root finds out by missed beats.
+        """
+        from gemini.checkpoint.slot import unlink_prefix
+
+        procs = psutil.Process().children(recursive=True)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=5)
+        unlink_prefix(f"gemini-{self.job.run_id}-n{self.node}-")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # -- root election ------------------------------------------------------------
     def live_nodes(self, now: float) -> list[int]:

@@ -11,13 +11,18 @@ group, elsewhere through the scheduler.
 
 A failure is a cluster operation, not a signal the injector sends itself: on
 a cluster whose nodes are other machines, the controller has no PID to signal.
+Every implementation carries failures out the same way
+(:class:`AgentFailures`): a signed order to the target's own agent (or to the
+root agent), which acts on its own processes and memory and acknowledges
+(``gemini.cluster.orders``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from gemini.cluster import keys, orders
 from gemini.config import LAUNCHERS, ConfigError
 
 if TYPE_CHECKING:
@@ -44,23 +49,36 @@ class Cluster(Protocol):
         """
         ...
 
-    def kill_trainers(self, node: int, ranks: Sequence[int]) -> None:
-        """A software failure: the trainers of ``node``'s current generation at
-        ``ranks`` (ranks within the node, 0-based) die at once.
+    def kill_trainers(
+        self, nodes: Sequence[int], ranks: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        """A software failure: on every node of ``nodes`` at once, the trainers of
+        the current generation at ``ranks`` (ranks within the node, 0-based) die.
 
-        The node's agent and its checkpoint memory live on. A rank with no
+        The nodes' agents and their checkpoint memory live on. A rank with no
         trainer up is skipped: the caller checks first that they are all up.
+        ``inject`` is the failure's record, pushed to ``inject/*`` stamped
+        with the time the first kill landed; that time is returned (None: no
+        target acknowledged in time).
         """
         ...
 
-    def kill_node(self, node: int) -> None:
-        """A hardware failure: ``node``'s whole process tree dies and its
-        checkpoint memory is freed. The node stays down until replaced."""
+    def kill_nodes(
+        self, nodes: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        """A hardware failure of every node of ``nodes`` at once: each one's whole
+        process tree dies and its checkpoint memory is freed. They stay down
+        until replaced."""
         ...
 
-    def kill_root(self) -> None:
+    def kill_root(self, inject: dict[str, Any] | None = None) -> float | None:
         """The root agent's loss: the process serving as root now (the first one
         or an elected successor) dies; its node, if it has one, lives on."""
+        ...
+
+    def corrupt_replica(self, holder: int, rank: int) -> dict[str, Any]:
+        """Flip a byte in the newest complete replica of ``rank`` that node
+        ``holder`` keeps; returns where (empty: it held none)."""
         ...
 
     def replace_node(self, node: int) -> None:
@@ -72,6 +90,55 @@ class Cluster(Protocol):
         """Stop every process of the job, orphans included, and free its shared
         memory and secret. Safe to call after a failed or partial start."""
         ...
+
+
+class AgentFailures:
+    """The failure half of :class:`Cluster`, shared by every launcher: each kill
+    is an order that the target carries out itself (``gemini.cluster.orders``).
+
+    Subclasses set ``store`` and ``job``; :meth:`kill_node` is extended where
+    the launcher also owns the node's top process (to reap it).
+    """
+
+    store: Store
+    job: JobSpec
+
+    def kill_trainers(
+        self, nodes: Sequence[int], ranks: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        # Each trainer records itself under its generation when it starts; the
+        # current generation's are the ones a failure now would hit.
+        gen = int(self.store.get_json_or(keys.GEN, 0))
+        return self._order(nodes, {"op": "kill_trainers", "ranks": list(ranks), "gen": gen}, inject)
+
+    def kill_nodes(
+        self, nodes: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        return self._order(nodes, {"op": "kill_node"}, inject)
+
+    def kill_root(self, inject: dict[str, Any] | None = None) -> float | None:
+        (ack,) = orders.send(self.store, [(keys.ROOT_ORDERS, {"op": "die", "inject": inject})])
+        return _ack_time(ack)
+
+    def corrupt_replica(self, holder: int, rank: int) -> dict[str, Any]:
+        order = {"op": "corrupt", "rank": rank}
+        (ack,) = orders.send(self.store, [(keys.node_orders(holder), order)])
+        return dict(ack.get("result") or {}) if ack else {}
+
+    def _order(
+        self, nodes: Sequence[int], order: dict[str, Any], inject: dict[str, Any] | None
+    ) -> float | None:
+        # One record per event: the first target stamps and pushes it.
+        sends = [
+            (keys.node_orders(n), {**order, "inject": inject if i == 0 else None})
+            for i, n in enumerate(nodes)
+        ]
+        acks = orders.send(self.store, sends)
+        return _ack_time(acks[0]) if acks else None
+
+
+def _ack_time(ack: Any) -> float | None:
+    return float(ack["t"]) if ack else None
 
 
 def make_cluster(job: JobSpec, store: Store) -> Cluster:

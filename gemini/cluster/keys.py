@@ -142,6 +142,33 @@ def inject_fired(event_id: object) -> str:
     return f"inject/fired/{event_id}"
 
 
+# -- orders: failures carried out by the target itself ------------------------------
+ROOT_ORDERS = "order/root"
+
+
+def node_orders(node: int) -> str:
+    """Queue of orders to node ``node``'s agent (kill its trainers, the node, corrupt)."""
+    return f"order/node{node}"
+
+
+def order_ack(queue: str, n: int) -> str:
+    """Order ``n`` of ``queue`` carried out (or refused), by its target."""
+    return f"{queue}/{n}/ack"
+
+
+# -- SLURM tasks (cluster=slurm) --------------------------------------------------------
+def slurm_task(task: int) -> str:
+    return f"slurm/task/{task}"
+
+
+def slurm_assign(task: int) -> str:
+    return f"slurm/assign/{task}"
+
+
+def slurm_exit(task: int) -> str:
+    return f"slurm/exit/{task}"
+
+
 # -- root agent -------------------------------------------------------------------
 ROOT_PID = "root/pid"
 ROOT_EPOCH = "root/epoch"
@@ -233,10 +260,29 @@ TABLE: tuple[Key, ...] = (
     Key("spawn/n", False, _R, _C, "counter: spawn requests made"),
     Key("spawn/{n}", True, _R, _C, "JSON: request n to (re)start a node"),
     Key("spawn/{n}/ack", True, _C, "-", "JSON: request n served (for inspection)"),
-    Key("inject/n", False, f"{_C}, {_T}", _R, "counter: injected failures"),
-    Key("inject/{n}", True, f"{_C}, {_T}", _R, "JSON: injected failure n with its wall time"),
+    Key("inject/n", False, f"{_C}, {_A}, {_R}, {_T}", _R, "counter: injected failures"),
+    Key(
+        "inject/{n}",
+        True,
+        f"{_C}, {_A}, {_R}, {_T}",
+        f"{_R}, {_C}",
+        "JSON: injected failure n with its wall time (written by whoever carried it out)",
+    ),
     Key("inject/arm/{r}", True, _C, _T, "JSON: kill rank r midway through the snapshot of a step"),
     Key("inject/fired/{id}", True, _T, _T, "flag: the armed failure id has fired"),
+    Key("order/node{i}/n", False, _C, _A, "counter: orders sent to node i's agent"),
+    Key(
+        "order/node{i}/{n}",
+        True,
+        _C,
+        _A,
+        "JSON: order n to node i's agent: kill its trainers, the whole node (and free its "
+        "memory), or corrupt a replica it holds",
+    ),
+    Key("order/node{i}/{n}/ack", True, _A, _C, "JSON: order n carried out (wall time, result)"),
+    Key("order/root/n", False, _C, _R, "counter: orders sent to the root agent"),
+    Key("order/root/{n}", True, _C, _R, "JSON: order n to the root agent: die (root_loss)"),
+    Key("order/root/{n}/ack", True, _R, _C, "JSON: order n carried out (wall time)"),
     Key("recovery/n", False, _R, _C, "counter: recovery records"),
     Key("recovery/{n}", True, _R, _C, "JSON: one recovery, phase by phase"),
     Key("root/pid", True, f"{_C}, {_R}", _C, "JSON: pid of the current root agent"),
@@ -248,6 +294,21 @@ TABLE: tuple[Key, ...] = (
     Key("root/pending", True, _R, _R, "JSON: the recovery record awaiting its replay"),
     Key("root/restarts", False, _R, _R, "counter: recoveries started (bounded by max_restarts)"),
     Key("root/inject_seen", False, _R, _R, "counter: injected failures already attributed"),
+    Key(
+        "slurm/task/{k}",
+        True,
+        "SLURM task",
+        _C,
+        "JSON: SLURM task k is up (host, pid); cluster=slurm only",
+    ),
+    Key(
+        "slurm/assign/{k}",
+        True,
+        _C,
+        "SLURM task",
+        "JSON: the node SLURM task k runs now (a standby's takeover), numbered",
+    ),
+    Key("slurm/exit/{k}", True, "SLURM task", _C, "JSON: SLURM task k stopped its node"),
     Key("inv/req", False, _R, _A, "counter: inventory requests"),
     Key(
         "inv/{n}/{i}",

@@ -4,24 +4,24 @@ The ``cluster.launcher=local`` implementation of ``gemini.cluster.base.Cluster``
 Each node is a node launcher process in its own session (so that exactly one
 node can be taken down, and a Ctrl-C reaches only the controller, which then
 tears everything down in order). The root agent is a process of its own.
-Every process is on this host, so a failure is a signal to a PID the store or
-this object holds, and "replace the machine" is a fresh process tree.
+Every process is on this host, so "replace the machine" is a fresh process
+tree; a failure is an order its target carries out (``AgentFailures``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from gemini.checkpoint.slot import unlink_prefix
 from gemini.cluster import keys
+from gemini.cluster.base import AgentFailures
 from gemini.cluster.job import JobSpec
 from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
@@ -59,7 +59,7 @@ def sweep_stale_segments() -> list[str]:
     return freed
 
 
-class LocalCluster:
+class LocalCluster(AgentFailures):
     """N simulated nodes and the root agent as process trees on this host
     (the methods' contracts are :class:`gemini.cluster.base.Cluster`'s)."""
 
@@ -105,29 +105,18 @@ class LocalCluster:
             self.replace_node(node)
             self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
 
-    def kill_trainers(self, node: int, ranks: Sequence[int]) -> None:
-        # Each trainer records its PID under its generation when it starts;
-        # the current generation's are the ones a failure now would hit.
-        gen = int(self.store.get_json_or(keys.GEN, 0))
-        rpn = self.job.cfg.cluster.ranks_per_node
-        for r in ranks:
-            info = self.store.get_json_or(keys.trainer(gen, node * rpn + r))
-            if info is not None:
-                _kill(int(info["pid"]))
-
-    def kill_node(self, node: int) -> None:
-        p = self.nodes.get(node)
-        if p is not None:
-            kill_tree(p.pid)
-            p.wait()
-        unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
-
-    def kill_root(self) -> None:
-        # Not self.root: after an election the root is a child of a node's
-        # agent, and only the store knows its PID.
-        info = self.store.get_json_or(keys.ROOT_PID)
-        if info is not None:
-            _kill(int(info["pid"]))
+    def kill_nodes(
+        self, nodes: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        t = super().kill_nodes(nodes, inject)
+        # The agent killed its tree and itself; its launcher (our child) then
+        # exits: reap it, so the node is down when this returns.
+        for n in nodes:
+            p = self.nodes.get(n)
+            if p is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=10)
+        return t
 
     def replace_node(self, node: int) -> None:
         p = self.nodes.get(node)
@@ -159,8 +148,3 @@ class LocalCluster:
         unlink_prefix(f"gemini-{self.job.run_id}-")
         # Every process that needed the secret is gone.
         Path(self.job.secret_file).unlink(missing_ok=True)
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)

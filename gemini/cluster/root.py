@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from gemini.cluster import keys
 from gemini.cluster.agent import Heartbeat
 from gemini.cluster.job import JobSpec
+from gemini.cluster.orders import Inbox
 from gemini.cluster.recovering import Recovery, RecoveryFailed
 from gemini.cluster.store import Store
 from gemini.lineage import Timeline
@@ -48,6 +51,23 @@ class Liveness:
 
     def stale(self, node: int, now: float, limit_s: float) -> bool:
         return now - self.changed.get(node, now) > limit_s
+
+
+def obey_orders(job: JobSpec, stop: threading.Event) -> None:
+    """The root's inbox (``order/root``), watched on a thread of its own: a root
+    in the middle of a recovery must still die when a root_loss is ordered."""
+    inbox = Inbox(Store.for_job(job), keys.ROOT_ORDERS)
+    while not stop.wait(0.1):
+        try:
+            pending = inbox.pending()
+        except Exception:  # the store went away: the job is over
+            return
+        for n, order in pending:
+            if order.get("op") == "die":
+                t = inbox.record_injection(order)
+                inbox.ack(n, t=t)
+                os.kill(os.getpid(), signal.SIGKILL)
+            inbox.ack(n, error=f"unknown order {order.get('op')!r}")
 
 
 class RootAgent:
@@ -111,6 +131,10 @@ class RootAgent:
     def run(self) -> int:
         hb = Heartbeat(self.job, "root", self.cfg.cluster.heartbeat_s).start()
         self.store.set_json(keys.ROOT_PID, {"pid": os.getpid(), "t": time.time()})
+        stop_orders = threading.Event()
+        threading.Thread(
+            target=obey_orders, args=(self.job, stop_orders), name="orders", daemon=True
+        ).start()
         try:
             if self.gen == 0:
                 self.wait_agents()
@@ -120,6 +144,7 @@ class RootAgent:
                 self.took_over()
             return self.monitor()
         finally:
+            stop_orders.set()
             hb.stop()
 
     def took_over(self) -> None:
