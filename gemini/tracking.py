@@ -9,10 +9,16 @@ Hydra callback when the sweep starts, before its first job; the parent's id
 is left in the sweep dir, where each job (in this process, or on another
 machine sharing the filesystem) finds it. Only the controller records: the
 trainers and agents of a job never talk to the tracking store.
+
+A job's run is opened when the job starts (:func:`open_job_run`) and its id
+left in the job dir, so that an attempt SLURM requeues into the same job dir
+continues the same run instead of starting a second one; :func:`record_job`
+fills it in when the attempt ends.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -27,6 +33,8 @@ from gemini.config import REPO_ROOT, GeminiConfig, flatten, is_server_uri
 from gemini.recovery import RECOVERY_METRICS
 
 PARENT_FILE = "mlflow_parent_run_id"
+RUN_FILE = "mlflow_run.json"
+"""In a job dir: the run :func:`open_job_run` opened for it, and the store it is in."""
 
 STEP_METRICS = (
     "iter_time_s",
@@ -68,6 +76,7 @@ RUN_METRICS = (
     "checkpoints",
     "checkpoints_per_hour",
     "generations",
+    "requeues",
     *(f"mean_{k}" for k in RECOVERY_METRICS),
 )
 """Run-level metrics, logged as ``run/<name>`` from ``summary.json``."""
@@ -238,11 +247,111 @@ class MultirunParentCallback(Callback):
             _mlflow().MlflowClient(self.uri).set_terminated(self.run_id)
 
 
+def slurm_tags() -> dict[str, str]:
+    """The SLURM facts of the current job, as MLflow tags; empty outside SLURM.
+
+    Read from the environment SLURM sets in every task rather than asked of
+    submitit, so the controller needs no executor object to tag its run.
+    Under submitit's local executor there is no SLURM job, only the local
+    job's id.
+    """
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        local = env.get("SUBMITIT_LOCAL_JOB_ID")
+        return {"submitit_local_job_id": local} if local else {}
+    job_id = env["SLURM_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        # An array task's own SLURM_JOB_ID is a number squeue never shows;
+        # <array job>_<task> is the name sacct and squeue know it by.
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    tags = {"slurm_job_id": job_id, "slurm_restart_count": env.get("SLURM_RESTART_COUNT", "0")}
+    for tag, var in (
+        ("slurm_nodelist", "SLURM_JOB_NODELIST"),
+        ("slurm_partition", "SLURM_JOB_PARTITION"),
+    ):
+        if env.get(var):
+            tags[tag] = env[var]
+    return tags
+
+
 def parent_run_id(sweep_dir: str | None) -> str | None:
     if not sweep_dir:
         return None
     f = Path(sweep_dir) / PARENT_FILE
     return f.read_text().split()[0] if f.exists() else None
+
+
+def _job_tags(
+    cfg: GeminiConfig, job_dir: Path, parent: str | None, tags: dict[str, str] | None
+) -> dict[str, str]:
+    out = {**host_tags(cfg), **(tags or {}), "job_dir": str(job_dir)}
+    if parent:
+        out["mlflow.parentRunId"] = parent
+    return out
+
+
+def _resumable(client: Any, run_id: str, exp_id: str) -> bool:
+    """Whether ``run_id`` is a live run of experiment ``exp_id`` in ``client``'s store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # never there, or garbage-collected since
+        return False
+    # A deleted run still answers get_run until gc, but refuses every write.
+    return bool(run.info.lifecycle_stage == "active" and run.info.experiment_id == exp_id)
+
+
+def _write_run_file(job_dir: Path, run_id: str, uri: str) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "uri": uri}) + "\n")
+    # A requeue can kill the controller at any instant: a half-written file
+    # would cost the next attempt its run, so it appears whole or not at all.
+    os.replace(tmp, job_dir / RUN_FILE)
+
+
+def _read_run_file(job_dir: Path) -> dict[str, str]:
+    try:
+        data = json.loads((job_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def open_job_run(
+    cfg: GeminiConfig,
+    job_dir: Path,
+    *,
+    run_name: str,
+    parent: str | None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Open the job's MLflow run as the job starts (RUNNING); returns its run id.
+
+    The id is left in ``job_dir/mlflow_run.json``. A later attempt in the same
+    job dir (SLURM requeued the job) finds it there and continues that run,
+    set back to RUNNING with its tags brought up to date, so one job stays one
+    run however often it is requeued. A file naming a run this store no longer
+    has, or a run of another store or experiment, gets a fresh run.
+    """
+    mlflow = _mlflow()
+    uri = tracking_uri(cfg)
+    client = mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(mlflow, cfg.tracking.experiment, uri)
+    all_tags = _job_tags(cfg, job_dir, parent, {**slurm_tags(), **(tags or {})})
+    known = _read_run_file(job_dir)
+    rid = known.get("run_id")
+    if rid and known.get("uri") == uri and _resumable(client, rid, exp_id):
+        from mlflow.entities import RunTag
+
+        client.update_run(rid, status="RUNNING")
+        client.log_batch(rid, tags=[RunTag(k, v) for k, v in all_tags.items()])
+        return str(rid)
+    rid = str(client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id)
+    _write_run_file(job_dir, rid, uri)
+    return rid
 
 
 def record_job(
@@ -255,22 +364,33 @@ def record_job(
     recoveries: list[dict[str, Any]],
     parent: str | None,
     extra_tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> str:
-    """Log one job as one MLflow run; returns its run id."""
+    """Log one job as one MLflow run and end it; returns its run id.
+
+    With ``run_id`` (from :func:`open_job_run`) it fills in and ends that run;
+    without, it creates the run itself.
+    """
     mlflow = _mlflow()
     from mlflow.entities import Metric, Param, RunTag
 
     uri = tracking_uri(cfg)
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
-    exp_id = _experiment_id(mlflow, cfg.tracking.experiment, uri)
-    tags = {**host_tags(cfg), **(extra_tags or {}), "job_dir": str(job_dir)}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    rid = run.info.run_id
+    tags = _job_tags(cfg, job_dir, parent, extra_tags)
+    logged: dict[str, str] = {}
+    if run_id is None:
+        exp_id = _experiment_id(mlflow, cfg.tracking.experiment, uri)
+        rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    else:
+        rid = run_id
+        client.log_batch(rid, tags=[RunTag(k, v) for k, v in tags.items()])
+        # An earlier attempt of a requeued job may have logged the params
+        # already: MLflow refuses to log one again with another value (a
+        # param is immutable), so only the missing ones are logged.
+        logged = client.get_run(rid).data.params
     params = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
-    plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items()) if k not in logged]
     for i in range(0, len(plist), 100):
         client.log_batch(rid, params=plist[i : i + 100])
     metrics = [Metric(*row) for row in metric_rows(step_metrics, recoveries, summary)]
