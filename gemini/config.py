@@ -362,7 +362,9 @@ def check_values(cfg: GeminiConfig) -> None:
     if c.collective_timeout_s <= 0:
         raise ConfigError("cluster.collective_timeout_s", c.collective_timeout_s, "must be > 0")
     _choice("cluster.device", c.device, DEVICES)
-    check_capacity(c)
+    if c.launcher == "local":
+        # On SLURM each task checks the machine it landed on (gemini.cluster.slurm).
+        check_capacity(c)
     _at_least("train.steps", t.steps, 1, "must be >= 1")
     _at_least("train.micro_batch", t.micro_batch, 1, "must be >= 1")
     _at_least("train.seq_len", t.seq_len, 1, "must be >= 1")
@@ -598,7 +600,8 @@ def check_host(cfg: GeminiConfig) -> None:
 
     if uses_storage(cfg) and b.path:
         check_writable_path("backend.path", Path(b.path))
-    if b.name in ("memory", "replicated"):
+    if b.name in ("memory", "replicated") and c.launcher == "local":
+        # On SLURM each task checks the machine it landed on (gemini.cluster.slurm).
         from gemini.checkpoint.memory import check_shm_budget
 
         check_shm_budget(cfg)
@@ -625,16 +628,21 @@ def check_writable_path(key: str, path: Path) -> None:
         ) from e
 
 
-def check_capacity(c: ClusterConfig) -> None:
-    """Refuse a layout this host cannot hold rather than thrash for minutes."""
+def check_capacity(c: ClusterConfig, nodes_here: int | None = None) -> None:
+    """Refuse a layout this host cannot hold rather than thrash for minutes.
+
+    ``nodes_here``: the nodes this machine runs (all of them locally; on SLURM,
+    the tasks SLURM put on it)."""
     cores = os.cpu_count() or 1
-    ranks = c.nodes * c.ranks_per_node
+    here = c.nodes if nodes_here is None else nodes_here
+    ranks = here * c.ranks_per_node
     limit = c.max_ranks_per_core * cores
     if ranks > limit:
         raise ConfigError(
             "cluster.nodes",
             c.nodes,
-            f"{c.nodes} nodes x {c.ranks_per_node} ranks = {ranks} trainer processes exceeds "
+            f"{here} nodes x {c.ranks_per_node} ranks = {ranks} trainer processes on this machine "
+            "exceeds "
             f"what this machine holds ({limit} = cluster.max_ranks_per_core="
             f"{c.max_ranks_per_core} x {cores} cores): lower cluster.nodes or "
             "cluster.ranks_per_node",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from gemini.cluster import keys
+from gemini.cluster.addresses import store_address
 from gemini.config import ConfigError, GeminiConfig, to_schema, validate
 from gemini.exactness import Verdict, look_up_verdict, run_tags
 from gemini.recovery import PHASES, RECOVERY_METRICS
@@ -30,6 +31,7 @@ from gemini.tracking import tracking_uri, ui_command
 
 if TYPE_CHECKING:
     from gemini.cluster.base import Cluster
+    from gemini.cluster.job import JobSpec
     from gemini.cluster.store import Store
     from gemini.failures import Injector
 
@@ -71,9 +73,25 @@ def check_writable(key: str, path: Path) -> None:
 def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str, Any]:
     """Run one job and return its summary (also written to ``summary.json``)."""
     typed = to_schema(cfg)
+    hydra_dir, sweep_dir, job_name = _hydra_dirs()
+    task = None
+    if typed.cluster.launcher == "slurm":
+        # Every task of the SLURM job runs this; only task 0 is the controller.
+        from gemini.cluster.slurm import TaskEnv, check_task_host, check_tasks, serve_task
+
+        task = TaskEnv.current()
+        check_tasks(typed, task)
+        if task.rank != 0:
+            where = job_dir or hydra_dir
+            if where is None:
+                raise ConfigError(
+                    "cluster.launcher", "slurm", "runs under Hydra: start it with `gemini -m ...`"
+                )
+            return serve_task(typed, where, task)
     # Every refusal before the job dir, the store or a process exists.
     validate(typed, host=True)
-    hydra_dir, sweep_dir, job_name = _hydra_dirs()
+    if task is not None:
+        check_task_host(typed, task)
     outputs = Path(typed.paths.outputs)
     check_writable("paths.outputs", outputs)
     job_dir = job_dir or hydra_dir or outputs / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -81,6 +99,39 @@ def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str
     if typed.tracking.enabled and not typed.tracking.uri:
         check_writable("paths.outputs", outputs)
     return Controller(typed, job_dir, sweep_dir, job_name).run()
+
+
+def previous_attempt(cfg: GeminiConfig, job_dir: Path) -> JobSpec | None:
+    """The job this one continues: on SLURM, a requeued job starts again in the
+    same job dir, where its previous attempt left ``job.json``."""
+    from gemini.cluster.job import JobSpec
+
+    path = job_dir / "job.json"
+    if cfg.cluster.launcher != "slurm" or not path.exists():
+        return None
+    try:
+        return JobSpec.load(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def free_attempt(prev: JobSpec) -> None:
+    """Whatever a killed earlier attempt left on this machine: processes, shared
+    memory, its secret (the new attempt writes a new one to a new file)."""
+    import contextlib
+
+    import psutil
+
+    from gemini.checkpoint.slot import unlink_prefix
+    from gemini.cluster.processes import run_processes
+
+    procs = run_processes(prev.run_id)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=5)
+    unlink_prefix(f"gemini-{prev.run_id}-")
+    Path(prev.secret_file).unlink(missing_ok=True)
 
 
 class Controller:
@@ -101,16 +152,25 @@ class Controller:
 
         cfg = self.cfg
         preflight(cfg, self.job_dir)
+        prev = previous_attempt(cfg, self.job_dir)
+        if prev is not None:
+            free_attempt(prev)
         job = JobSpec(
             run_id=self.run_id,
             job_dir=str(self.job_dir),
             store="",
             secret_file=str(new_secret_file(self.job_dir)),
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
+            attempt=prev.attempt + 1 if prev else 0,
+            storage_id=prev.storage_run if prev else "",
+            resume=prev is not None,
         )
-        store = Store(cfg.cluster.host, 0, job.secret(), timeout_s=60.0, master=True)
-        job.store = store.address
+        store = Store(
+            cfg.cluster.host, cfg.cluster.store_port, job.secret(), timeout_s=60.0, master=True
+        )
+        job.store = store_address(cfg.cluster, store.port)
         job.save()
+        mlflow_run = self.open_tracking(job)
         (self.job_dir / "config.resolved.yaml").write_text(
             OmegaConf.to_yaml(OmegaConf.structured(cfg))
         )
@@ -136,6 +196,8 @@ class Controller:
             cluster.replaced,
             reason=self.reason,
         )
+        if cfg.cluster.launcher == "slurm":
+            summary["requeues"] = job.attempt
         verdict = judge_run(cfg, summary)
         if verdict is not None:
             summary.update(
@@ -154,14 +216,13 @@ class Controller:
             summary["mlflow_run_id"] = record_job(
                 cfg,
                 self.job_dir,
-                run_name=self.job_name
-                if self.sweep_dir
-                else f"{cfg.model.name}-{cfg.backend.name}",
+                run_name=self.run_name(),
                 summary=summary,
                 step_metrics=reports["steps"],
                 recoveries=reports["recoveries"],
                 parent=parent_run_id(self.sweep_dir),
                 extra_tags=run_tags(cfg, summary["state_digest"], verdict),
+                run_id=mlflow_run,
             )
             (self.job_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.progress:
@@ -172,6 +233,23 @@ class Controller:
                 f"job {outcome}: {summary.get('reason', '')} (logs in {self.job_dir / 'logs'})"
             )
         return summary
+
+    def run_name(self) -> str:
+        return self.job_name if self.sweep_dir else f"{self.cfg.model.name}-{self.cfg.backend.name}"
+
+    def open_tracking(self, job: JobSpec) -> str | None:
+        """The job's MLflow run, open while it runs (a requeued job's, continued)."""
+        if not self.cfg.tracking.enabled:
+            return None
+        from gemini.tracking import open_job_run, parent_run_id
+
+        return open_job_run(
+            self.cfg,
+            self.job_dir,
+            run_name=self.run_name(),
+            parent=parent_run_id(self.sweep_dir),
+            tags={"run_id": job.run_id, "launcher": self.cfg.cluster.launcher},
+        )
 
     def watch(self, store: Store, cluster: Cluster, injector: Injector) -> str:
         """Serve the cluster until the root declares the job over; show progress."""
@@ -436,7 +514,11 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
         ("outcome", s["outcome"]),
         *([("reason", s["reason"])] if s.get("reason") else []),
         ("model / parallel", f"{cfg.model.name} / {cfg.train.parallel}"),
-        ("cluster", f"{cfg.cluster.nodes} nodes x {cfg.cluster.ranks_per_node} ranks (local)"),
+        (
+            "cluster",
+            f"{cfg.cluster.nodes} nodes x {cfg.cluster.ranks_per_node} ranks "
+            f"({cfg.cluster.launcher})",
+        ),
         (
             "backend",
             cfg.backend.name

@@ -49,6 +49,8 @@ def _key_functions() -> list[tuple[str, str]]:
             in (
                 "describe",
                 "is_signed",
+                # A queue's name, not a key: its keys are checked below.
+                "node_orders",
             )
         ):
             continue
@@ -65,7 +67,7 @@ def _key_constants() -> list[tuple[str, str]]:
         if name.isupper()
         and not name.startswith("_")
         and isinstance(v, str)
-        and name not in ("SPAWN", "INJECT", "RECOVERY")
+        and name not in ("SPAWN", "INJECT", "RECOVERY", "ROOT_ORDERS")
     ]
 
 
@@ -78,10 +80,12 @@ def test_every_key_the_module_makes_has_exactly_one_row(name: str, key: str) -> 
 
 
 def test_queues_have_a_signed_record_row_and_an_unsigned_length_row() -> None:
-    for q in (keys.SPAWN, keys.INJECT, keys.RECOVERY):
+    for q in (keys.SPAWN, keys.INJECT, keys.RECOVERY, keys.ROOT_ORDERS, keys.node_orders(3)):
         assert not keys.is_signed(keys.queue_length(q))
         assert keys.describe(keys.queue_length(q)) is not None
         assert keys.is_signed(keys.queue_item(q, 12))
+    for q in (keys.ROOT_ORDERS, keys.node_orders(3)):
+        assert keys.is_signed(keys.order_ack(q, 12))
 
 
 def test_a_key_outside_the_table_is_not_ours() -> None:

@@ -643,7 +643,7 @@ class DiskBackend(CheckpointBackend):
         self.chunk_bytes = b.chunk_mb << 20
         self.store = DiskStore(
             Path(root) if root is not None else storage_dir(ctx.job.cfg, ctx.job.job_dir),
-            ctx.job.run_id,
+            ctx.job.storage_run,
             bandwidth_gbps=b.bandwidth_gbps,
             keep_last=b.keep_last,
         )

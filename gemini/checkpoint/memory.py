@@ -80,9 +80,14 @@ def estimate_rank_bytes(cfg: GeminiConfig) -> int:
     return per_rank + (1 << 20)
 
 
-def check_shm_budget(cfg: GeminiConfig) -> None:
-    """Refuse, before allocating anything, a layout /dev/shm cannot hold."""
-    world = cfg.cluster.nodes * cfg.cluster.ranks_per_node
+def check_shm_budget(cfg: GeminiConfig, nodes_here: int | None = None) -> None:
+    """Refuse, before allocating anything, a layout /dev/shm cannot hold.
+
+    Each node holds two slots for each of its own ranks and for each rank it
+    keeps a replica of: ``m`` copies' worth per rank. ``nodes_here``: the
+    nodes this machine runs (all of them locally; on SLURM, its tasks')."""
+    here = cfg.cluster.nodes if nodes_here is None else nodes_here
+    world = here * cfg.cluster.ranks_per_node
     m = cfg.backend.replication.factor if cfg.backend.name == "replicated" else 1
     per_rank = estimate_rank_bytes(cfg)
     need = world * m * 2 * per_rank
@@ -379,7 +384,7 @@ def _disk_store(ctx: BackendContext) -> DiskStore:
     b = ctx.job.cfg.backend
     return DiskStore(
         storage_dir(ctx.job.cfg, ctx.job.job_dir),
-        ctx.job.run_id,
+        ctx.job.storage_run,
         bandwidth_gbps=b.bandwidth_gbps,
         keep_last=b.keep_last,
     )

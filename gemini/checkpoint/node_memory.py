@@ -128,11 +128,13 @@ class MemoryServices(AgentServices):
         assert self.job is not None
         if not self.replicated:
             return {}
+        from gemini.cluster.addresses import advertised_host, bind_host
         from gemini.cluster.transport import TransportServer
 
-        host = self.job.cfg.cluster.host
+        c = self.job.cfg.cluster
+        host = bind_host(c)
         self.server = TransportServer(self.job.secret(), self, host=host, port=0).start()
-        return {"transport": f"{host}:{self.server.port}"}
+        return {"transport": f"{advertised_host(c, host)}:{self.server.port}"}
 
     def tick(self) -> None:
         assert self.store is not None and self.job is not None

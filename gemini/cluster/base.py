@@ -148,6 +148,10 @@ def make_cluster(job: JobSpec, store: Store) -> Cluster:
         from gemini.cluster.local import LocalCluster
 
         return LocalCluster(job, store)
+    if launcher == "slurm":
+        from gemini.cluster.slurm import SlurmCluster, TaskEnv
+
+        return SlurmCluster(job, store, TaskEnv.current())
     # Unreachable through gemini.config.validate; a caller that skipped it
     # gets the same one line.
     raise ConfigError("cluster.launcher", launcher, f"use one of {', '.join(LAUNCHERS)}")

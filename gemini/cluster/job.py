@@ -33,6 +33,20 @@ class JobSpec:
     """File holding the per-run transport secret (hex), mode 0600."""
     config: dict[str, Any]
     """The resolved config as a plain dict: what ``job.json`` carries."""
+    attempt: int = 0
+    """How many times the job was requeued before this start (SLURM timeout or
+    preemption); 0 for a first start."""
+    storage_id: str = ""
+    """Names the job's checkpoints on storage; a requeued job keeps its first
+    attempt's so that it finds them (empty = :attr:`run_id`)."""
+    resume: bool = False
+    """Start from the newest complete checkpoint on storage rather than step 0
+    (a requeued job's later attempt)."""
+
+    @property
+    def storage_run(self) -> str:
+        """The name of this job's checkpoints on storage (see :attr:`storage_id`)."""
+        return self.storage_id or self.run_id
 
     @functools.cached_property
     def cfg(self) -> GeminiConfig:
@@ -50,8 +64,11 @@ class JobSpec:
         return bytes.fromhex(Path(self.secret_file).read_text().strip())
 
     def save(self) -> Path:
+        # Whole or not at all: on SLURM other tasks poll for this file.
         path = Path(self.job_dir) / "job.json"
-        path.write_text(json.dumps(asdict(self), indent=1))
+        tmp = path.with_name(f".job.json.{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
         return path
 
     @classmethod

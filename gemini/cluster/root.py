@@ -138,7 +138,7 @@ class RootAgent:
         try:
             if self.gen == 0:
                 self.wait_agents()
-                self.launch({"start_step": 0, "sources": {}, "reason": "first launch"})
+                self.launch(self.resume_plan() if self.job.resume else self.first_plan())
                 self.log(f"generation {self.gen}: {self.world} ranks on {self.nodes} nodes")
             else:
                 self.took_over()
@@ -146,6 +146,30 @@ class RootAgent:
         finally:
             stop_orders.set()
             hb.stop()
+
+    def first_plan(self) -> dict[str, Any]:
+        return {"start_step": 0, "sources": {}, "reason": "first launch"}
+
+    def resume_plan(self) -> dict[str, Any]:
+        """A requeued job's first plan: the newest step complete on storage for
+        every rank (step 0 if none), after the previous attempt's leftovers
+        above it — half-written files of writers it killed — are gone.
+
+        Generations go on from the newest one found on storage: the previous
+        attempt's checkpoints keep their place on the timeline, and this
+        attempt's are newer than all of them.
+        """
+        from gemini.recovery import plan_recovery
+
+        stored = self.storage_checkpoints()
+        plan = plan_recovery(self.rank_node, {}, stored)
+        self.trim_storage(plan.step)
+        self.gen = max((g for _, g in stored), default=0)
+        reason = f"requeued (attempt {self.job.attempt + 1}): " + (
+            plan.reason if stored else "no complete checkpoint on storage, from step 0"
+        )
+        self.log(reason)
+        return {**plan.to_json(), "reason": reason, "resumed": True}
 
     def took_over(self) -> None:
         """Record the loss of the previous root: this one was elected to replace it."""
@@ -320,7 +344,7 @@ class RootAgent:
         return storage_checkpoints(
             self.cfg,
             self.job.job_dir,
-            self.job.run_id,
+            self.job.storage_run,
             self.world,
             config_hash=config_hash(self.cfg),
         )
@@ -331,13 +355,14 @@ class RootAgent:
 
         if not uses_storage(self.cfg):
             return []
-        return trim_storage(self.cfg, self.job.job_dir, self.job.run_id, step)
+        return trim_storage(self.cfg, self.job.job_dir, self.job.storage_run, step)
 
     def timeline(self) -> Timeline:
         """Every generation's start step, from the plans published so far."""
-        return Timeline.from_plans(
-            {g: self.store.get_json_or(keys.plan(g), {}) for g in range(1, self.gen + 1)}
-        )
+        # A resumed job's generations start above those of earlier attempts,
+        # whose plans died with their store: only this attempt's are known.
+        plans = {g: self.store.get_json_or(keys.plan(g)) for g in range(1, self.gen + 1)}
+        return Timeline.from_plans({g: p for g, p in plans.items() if p is not None})
 
     def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
         """Recover (``gemini.cluster.recovering``), or end the job with the reason why not."""
