@@ -49,11 +49,17 @@ lint: venv
 	$(BIN)/mypy gemini
 
 # Every benchmark but the soak (a correctness run, not a measurement).
+# benchmarks/slurm_overhead.py submits to SLURM while the cluster answers,
+# else it runs the same tasks through submitit's local executor.
 bench: venv
 	@set -e; for f in benchmarks/*.py; do \
 		[ "$$f" = benchmarks/soak.py ] && continue; \
 		echo "== $$f"; \
-		$(BIN)/python $$f; \
+		if [ "$$f" = benchmarks/slurm_overhead.py ]; then \
+			$(BIN)/python $$f --launcher $(if $(NOT_SLURM),submitit_local,slurm); \
+		else \
+			$(BIN)/python $$f; \
+		fi; \
 	done
 
 # Drawn failure schedules, each checked for exactness and leftovers

@@ -185,6 +185,7 @@ class Controller:
             injector.stop()
             wall_s = time.time() - t0
             reports = collect(store, job.world_size)
+            layout = cluster.layout()
             cluster.teardown()
         summary = summarize(
             cfg,
@@ -196,6 +197,7 @@ class Controller:
             cluster.replaced,
             reason=self.reason,
         )
+        summary["cluster_layout"] = layout
         if cfg.cluster.launcher == "slurm":
             summary["requeues"] = job.attempt
         verdict = judge_run(cfg, summary)

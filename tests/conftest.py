@@ -152,7 +152,12 @@ def run_cli(
 
 
 def start_cli(
-    args: list[str], cwd: Path, *, outputs: Path | None = None, log_dir: Path
+    args: list[str],
+    cwd: Path,
+    *,
+    outputs: Path | None = None,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``gemini ARGS`` without waiting; stdout/stderr go to files in ``log_dir``."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +165,7 @@ def start_cli(
         return subprocess.Popen(
             [str(GEMINI_BIN), *failure_free(args)],
             cwd=cwd,
-            env=cli_env(outputs),
+            env=cli_env(outputs, env),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,

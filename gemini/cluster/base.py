@@ -86,6 +86,10 @@ class Cluster(Protocol):
         whatever is left of the old one killed first (what a spawn request asks)."""
         ...
 
+    def layout(self) -> dict[str, Any]:
+        """Where the nodes ran and which were replaced by what, for ``summary.json``."""
+        ...
+
     def teardown(self) -> None:
         """Stop every process of the job, orphans included, and free its shared
         memory and secret. Safe to call after a failed or partial start."""

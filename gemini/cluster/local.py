@@ -126,6 +126,12 @@ class LocalCluster(AgentFailures):
         self._start_node(node)
         self.replaced.append((node, time.time()))
 
+    def layout(self) -> dict[str, Any]:
+        return {
+            "launcher": "local",
+            "replaced": [{"node": n, "t": t} for n, t in self.replaced],
+        }
+
     def teardown(self) -> None:
         with contextlib.suppress(Exception):
             self.store.set(keys.ABORT, "1")

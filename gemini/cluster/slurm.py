@@ -139,6 +139,7 @@ class SlurmCluster(AgentFailures):
         self.assignments: dict[int, int] = {}
         self.spawn_seen = 0
         self.replaced: list[tuple[int, float]] = []
+        self.takeovers: list[dict[str, Any]] = []
 
     def start(self) -> None:
         from gemini.cluster.local import sweep_stale_segments
@@ -183,10 +184,31 @@ class SlurmCluster(AgentFailures):
     def replace_node(self, node: int) -> None:
         # A standby takes the failed node's place; with none left, the task that
         # ran it starts it afresh (empty memory), as a local node is restarted.
-        task = self.standby.pop(0) if self.standby else self.task_of[node]
+        standby = bool(self.standby)
+        task = self.standby.pop(0) if standby else self.task_of[node]
+        self.takeovers.append(
+            {"node": node, "from_task": self.task_of[node], "task": task, "standby": standby}
+        )
         self.task_of[node] = task
         self.assign(task, node)
         self.replaced.append((node, time.time()))
+        self.takeovers[-1]["t"] = self.replaced[-1][1]
+
+    def layout(self) -> dict[str, Any]:
+        hosts = {}
+        for k in range(self.task.ntasks):
+            with contextlib.suppress(Exception):
+                info = self.store.get_json_or(keys.slurm_task(k))
+                if info is not None:
+                    hosts[str(k)] = info.get("host", "")
+        return {
+            "launcher": "slurm",
+            "job_id": self.task.job_id,
+            "tasks": self.task.ntasks,
+            "task_hosts": hosts,
+            "node_task": {str(n): t for n, t in self.task_of.items()},
+            "takeovers": self.takeovers,
+        }
 
     def kill_nodes(
         self, nodes: Sequence[int], inject: dict[str, Any] | None = None
