@@ -45,6 +45,8 @@ def check_overrides(args: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from gemini.launchers import launcher_options
+
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -54,10 +56,10 @@ def check_overrides(args: list[str]) -> None:
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
-        if key not in groups or o.is_delete():
+        if o.is_delete() or (key not in groups and key != "hydra/launcher"):
             continue
         values = [str(v) for v in o.sweep_iterator()] if o.is_sweep_override() else [str(o.value())]
-        known = group_options(key)
+        known = launcher_options(CONF) if key == "hydra/launcher" else group_options(key)
         for v in values:
             if v not in known:
                 fail(f"{key}={v}: unknown option; choose one of {', '.join(known)}")
@@ -127,6 +129,7 @@ def check_composition(args: list[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from gemini.config import to_schema, validate
+    from gemini.launchers import check_launcher
 
     if any(
         a in ("--help", "-h", "--hydra-help", "--info", "-i")
@@ -135,14 +138,17 @@ def check_composition(args: list[str]) -> None:
         for a in args
     ):
         return
+    multirun = any(a in ("-m", "--multirun") for a in args)
     outputs: list[str] = []
     for overrides in _variants(args):
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("config", overrides=overrides)
+                cfg = compose("config", overrides=overrides, return_hydra_config=True)
             typed = to_schema(cfg)
             validate(typed, host=True)
+            choice = cfg.hydra.runtime.choices.get("hydra/launcher", "")
+            check_launcher(cfg.hydra.launcher, typed, choice=choice, multirun=multirun)
         except ConfigError as e:
             fail(str(e))
         except Exception as e:  # composition errors: unknown keys, wrong types

@@ -263,6 +263,9 @@ def register_configs() -> None:
     cs.store(group="failure", name="base_failure", node=FailureConfig)
     cs.store(group="train", name="base_train", node=TrainConfig)
     cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
+    from gemini.launchers import register_launchers  # it imports this module
+
+    register_launchers()
 
 
 BACKENDS = ("none", "disk", "memory", "replicated")
