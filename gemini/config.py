@@ -645,8 +645,8 @@ def check_capacity(c: ClusterConfig, nodes_here: int | None = None) -> None:
             "cluster.nodes",
             c.nodes,
             f"{here} nodes x {c.ranks_per_node} ranks = {ranks} trainer processes on this machine "
-            "exceeds "
-            f"what this machine holds ({limit} = cluster.max_ranks_per_core="
+            "exceed "
+            f"what it holds ({limit} = cluster.max_ranks_per_core="
             f"{c.max_ranks_per_core} x {cores} cores): lower cluster.nodes or "
             "cluster.ranks_per_node",
         )

@@ -249,6 +249,15 @@ def check_launcher(launcher: DictConfig, job: Any, *, choice: str, multirun: boo
     """
     target = str(launcher.get("_target_", ""))
     if target not in OURS:
+        if job.cluster.launcher == "slurm":
+            # Another launcher would start one task (or none under SLURM) per job.
+            raise ConfigError(
+                "cluster",
+                "slurm",
+                "runs as one SLURM task per node: submit it with `gemini -m "
+                "hydra/launcher=slurm cluster=slurm ...` (or hydra/launcher=submitit_local), "
+                "or use cluster=local",
+            )
         return
     if not multirun:
         raise ConfigError(

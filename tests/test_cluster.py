@@ -28,6 +28,7 @@ from gemini.cluster.base import Cluster, make_cluster
 from gemini.cluster.job import JobSpec
 from gemini.cluster.local import LocalCluster
 from gemini.cluster.processes import spawn_module
+from gemini.cluster.slurm import SlurmCluster, TaskEnv, check_tasks
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig
 
@@ -214,3 +215,52 @@ def test_a_root_loss_is_the_root_killing_itself(signed_store: Store, tmp_path: P
     finally:
         if root.poll() is None:
             root.kill()
+
+
+def slurm_job(store: Store, tmp_path: Path, standby: int) -> tuple[JobSpec, TaskEnv]:
+    job = job_for(store, tmp_path, launcher="slurm")
+    job.config["cluster"]["standby_nodes"] = standby
+    # This task's place in a SLURM job, as submitit's JobEnvironment would say it.
+    task = TaskEnv(rank=0, ntasks=NODES + standby, nhosts=1, job_id="42", hostname="vm")
+    return job, task
+
+
+def test_a_failed_node_is_taken_over_by_a_standby_task(
+    signed_store: Store, tmp_path: Path
+) -> None:
+    job, task = slurm_job(signed_store, tmp_path, standby=1)
+    cluster: Cluster = SlurmCluster(job, signed_store, task)
+    cluster.replace_node(1)
+    assert signed_store.get_json(keys.slurm_assign(2))["node"] == 1
+    (takeover,) = cluster.layout()["takeovers"]
+    assert takeover == {**takeover, "node": 1, "from_task": 1, "task": 2, "standby": True}
+
+
+def test_with_no_standby_left_the_failed_node_restarts_in_its_own_task(
+    signed_store: Store, tmp_path: Path
+) -> None:
+    job, task = slurm_job(signed_store, tmp_path, standby=1)
+    cluster = SlurmCluster(job, signed_store, task)
+    cluster.assign(1, 1)  # what start() asks of task 1
+    cluster.replace_node(1)  # the standby, task 2, takes node 1 over
+    cluster.replace_node(1)  # it fails too: no standby left
+    assign = signed_store.get_json(keys.slurm_assign(2))
+    assert assign["node"] == 1 and assign["n"] == 2, "task 2 was not told to start node 1 again"
+    assert [t["standby"] for t in cluster.layout()["takeovers"]] == [True, False]
+    assert signed_store.get_json(keys.slurm_assign(1))["n"] == 1
+
+
+def test_a_slurm_job_needs_one_task_per_node_and_standby(
+    signed_store: Store, tmp_path: Path
+) -> None:
+    job, task = slurm_job(signed_store, tmp_path, standby=1)
+    check_tasks(job.cfg, task)
+    with pytest.raises(ConfigError) as e:
+        check_tasks(job.cfg, TaskEnv(0, NODES, 1, "42", "vm"))
+    assert e.value.key == "cluster.nodes" and "needs 3 SLURM tasks" in e.value.fix
+
+
+def test_outside_a_slurm_job_the_slurm_cluster_says_how_to_submit() -> None:
+    with pytest.raises(ConfigError) as e:
+        TaskEnv.current()
+    assert e.value.key == "cluster.launcher" and "hydra/launcher=slurm" in e.value.fix
