@@ -225,9 +225,7 @@ def slurm_job(store: Store, tmp_path: Path, standby: int) -> tuple[JobSpec, Task
     return job, task
 
 
-def test_a_failed_node_is_taken_over_by_a_standby_task(
-    signed_store: Store, tmp_path: Path
-) -> None:
+def test_a_failed_node_is_taken_over_by_a_standby_task(signed_store: Store, tmp_path: Path) -> None:
     job, task = slurm_job(signed_store, tmp_path, standby=1)
     cluster: Cluster = SlurmCluster(job, signed_store, task)
     cluster.replace_node(1)
