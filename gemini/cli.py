@@ -8,6 +8,7 @@ exit status 2 and no traceback. Group options are checked before Hydra runs
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -173,12 +174,21 @@ def check_writable_or_fail(path: str) -> None:
 def _task(cfg: DictConfig) -> None:
     from gemini.experiment import JobFailed, run
 
+    # A task of a submitit job reports its end through its result, which the
+    # submitting launcher reads (gemini.launchers): an exit would leave no
+    # result, and a scheduler without accounting would wait for it forever.
+    in_task = "SUBMITIT_EXECUTOR" in os.environ
     try:
         run(cfg)
     except ConfigError as e:
+        if in_task:
+            print(f"gemini: error: {e}", file=sys.stderr)
+            raise
         fail(str(e))
     except JobFailed as e:
         print(f"gemini: {e}", file=sys.stderr)
+        if in_task:
+            raise
         sys.exit(1)
     except KeyboardInterrupt as e:
         print(

@@ -37,6 +37,10 @@ class ConfigError(ValueError):
         self.key, self.value, self.fix = key, value, fix
         super().__init__(f"{key}={value!r}: {fix}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A SLURM task's refusal reaches the submitting process pickled.
+        return (ConfigError, (self.key, self.value, self.fix))
+
 
 @dataclass
 class ModelConfig:

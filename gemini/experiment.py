@@ -89,9 +89,16 @@ def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str
                 )
             return serve_task(typed, where, task)
     # Every refusal before the job dir, the store or a process exists.
-    validate(typed, host=True)
-    if task is not None:
-        check_task_host(typed, task)
+    try:
+        validate(typed, host=True)
+        if task is not None:
+            check_task_host(typed, task)
+    except ConfigError as e:
+        if task is not None and (job_dir or hydra_dir) is not None:
+            from gemini.cluster.slurm import refuse_job
+
+            refuse_job(job_dir or hydra_dir, str(e))  # type: ignore[arg-type]
+        raise
     outputs = Path(typed.paths.outputs)
     check_writable("paths.outputs", outputs)
     job_dir = job_dir or hydra_dir or outputs / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,9 @@ class GeminiLocalQueueConf(LocalQueueConf):
     """The stock local submitit settings; every task of a job runs on this machine."""
 
     _target_: str = LOCAL_TARGET
+    array_parallelism: int = 256
+    """Most jobs of the sweep running at once on this machine (as SLURM's ``%N``);
+    1 runs them one after the other."""
 
 
 def register_launchers() -> None:
@@ -184,11 +188,19 @@ class PerJobShape(stock.BaseSubmititLauncher):
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         return layout(job_tasks(cfg), int(self.params.get("tasks_per_host", 0)))
 
+    def local_window(self) -> int | None:
+        """How many jobs submitit's local executor may run at once (None: SLURM caps
+        its arrays itself)."""
+        if self._EXECUTOR != "local":
+            return None
+        return max(1, int(self.params.get("array_parallelism", 256)))
+
     def executor(self, nodes: int, tasks_per_node: int) -> Any:
         """A submitit executor with this launcher's settings and one job shape."""
         import submitit
 
-        params = {k: v for k, v in self.params.items() if k not in self._OWN_KEYS}
+        own = self._OWN_KEYS | ({"array_parallelism"} if self._EXECUTOR == "local" else set())
+        params = {k: v for k, v in self.params.items() if k not in own}
         params.update(nodes=nodes, tasks_per_node=tasks_per_node)
         folder = params.pop("submitit_folder")
         # max_num_timeout (requeues after a timeout) is the executor's, not a job's.
@@ -231,10 +243,43 @@ class PerJobShape(stock.BaseSubmititLauncher):
                  f"job_id_for_{initial_job_idx + i}", singletons)
                 for i in members
             ]  # fmt: skip
-            jobs = self.executor(nodes, per_node).map_array(self, *zip(*args, strict=True))
-            submitted.update(zip(members, jobs, strict=True))
+            executor = self.executor(nodes, per_node)
+            window = self.local_window()
+            if window is None:
+                jobs = executor.map_array(self, *zip(*args, strict=True))
+                submitted.update(zip(members, jobs, strict=True))
+                continue
+            # submitit's local executor has no arrays to cap: keep at most
+            # `array_parallelism` jobs running, starting the next as one ends.
+            for i, job_args in zip(members, args, strict=True):
+                while sum(not j.done() for j in submitted.values()) >= window:
+                    time.sleep(1.0)
+                submitted[i] = executor.submit(self, *job_args)
         # Task 0's return is the job's, as in the stock launcher.
-        return [submitted[i].results()[0] for i in range(len(job_overrides))]
+        returns = [submitted[i].results()[0] for i in range(len(job_overrides))]
+        report_failures(returns, initial_job_idx)
+        return returns
+
+
+def report_failures(returns: Sequence[JobReturn], initial_job_idx: int) -> None:
+    """One line per job that failed, then exit as a local run would (2 when every
+    failure was a refusal, else 1): the jobs' own logs hold the rest."""
+    import sys
+
+    from hydra.core.utils import JobStatus
+
+    from gemini.experiment import JobFailed
+
+    failed = [(i, r) for i, r in enumerate(returns) if r.status == JobStatus.FAILED]
+    if not failed:
+        return
+    refusals = 0
+    for i, ret in failed:
+        error = ret._return_value
+        refusals += isinstance(error, ConfigError)
+        what = f"error: {error}" if isinstance(error, (ConfigError, JobFailed)) else repr(error)
+        print(f"gemini: job #{initial_job_idx + i}: {what}", file=sys.stderr)
+    sys.exit(2 if refusals == len(failed) else 1)
 
 
 # -- refusing bad settings -----------------------------------------------------
@@ -294,9 +339,9 @@ def check_launcher(launcher: DictConfig, job: Any, *, choice: str, multirun: boo
                 ),
             )
     tasks = job_tasks(job)
+    if s.array_parallelism < 1:
+        raise ConfigError(key("array_parallelism"), s.array_parallelism, "must be >= 1")
     if target == SLURM_TARGET:
-        if s.array_parallelism < 1:
-            raise ConfigError(key("array_parallelism"), s.array_parallelism, "must be >= 1")
         if s.max_num_timeout < 0:
             raise ConfigError(key("max_num_timeout"), s.max_num_timeout, "must be >= 0")
         if s.signal_delay_s < 0:

@@ -25,6 +25,7 @@ own processes and shared memory when the job ends (``ctl/done``,
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -49,6 +50,10 @@ JOIN_TIMEOUT_S = 600.0
 MLflow run come first; on a loaded cluster, minutes)."""
 EXIT_WAIT_S = 30.0
 """How long task 0 waits, at the end, for the other tasks to free their nodes."""
+
+
+class JobRefused(RuntimeError):
+    """Task 0 refused the job before it started: this task has nothing to run."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,19 @@ def start_node(
 
 
 # -- the other tasks ------------------------------------------------------------------
+REFUSED = "slurm-refused.json"
+"""Written by task 0 when it refuses the job before any store exists, so that
+the other tasks stop waiting for one."""
+
+
+def refuse_job(job_dir: Path, reason: str) -> None:
+    path = Path(job_dir) / REFUSED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{REFUSED}.{os.getpid()}")
+    tmp.write_text(json.dumps({"reason": reason, "t": time.time()}))
+    os.replace(tmp, path)
+
+
 def join_job(job_dir: Path, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[JobSpec, Store]:
     """Wait for this attempt's ``job.json`` and connect to its store.
 
@@ -273,7 +291,13 @@ def join_job(job_dir: Path, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[JobSpec,
     """
     path = job_dir / "job.json"
     deadline = time.monotonic() + timeout_s
+    # A refusal of this attempt is newer than this task (all start together).
+    started = psutil.Process().create_time() - 60.0
     while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            refusal = json.loads((job_dir / REFUSED).read_text())
+            if float(refusal["t"]) > started:
+                raise JobRefused(f"task 0 refused the job: {refusal['reason']}")
         with contextlib.suppress(Exception):
             job = JobSpec.load(path)
             store = Store.for_job(job, timeout_s=5.0)
