@@ -83,6 +83,8 @@ class GeminiLocalQueueConf(LocalQueueConf):
     array_parallelism: int = 256
     """Most jobs of the sweep running at once on this machine (as SLURM's ``%N``);
     1 runs them one after the other."""
+    max_num_timeout: int = 0
+    """Requeues after the time limit, as on SLURM (a preemption's are not counted)."""
 
 
 def register_launchers() -> None:
@@ -341,9 +343,9 @@ def check_launcher(launcher: DictConfig, job: Any, *, choice: str, multirun: boo
     tasks = job_tasks(job)
     if s.array_parallelism < 1:
         raise ConfigError(key("array_parallelism"), s.array_parallelism, "must be >= 1")
+    if s.max_num_timeout < 0:
+        raise ConfigError(key("max_num_timeout"), s.max_num_timeout, "must be >= 0")
     if target == SLURM_TARGET:
-        if s.max_num_timeout < 0:
-            raise ConfigError(key("max_num_timeout"), s.max_num_timeout, "must be >= 0")
         if s.signal_delay_s < 0:
             raise ConfigError(key("signal_delay_s"), s.signal_delay_s, "must be >= 0 seconds")
         layout(tasks, s.tasks_per_host)

@@ -17,6 +17,7 @@ no shared memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,7 +28,14 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import TrackingServer, run_cli, start_cli, start_tracking_server, stop_tracking_server
+from conftest import (
+    TrackingServer,
+    compose_config,
+    run_cli,
+    start_cli,
+    start_tracking_server,
+    stop_tracking_server,
+)
 
 STATE_DIR = Path(os.environ.get("GEMINI_SLURM_DIR") or "/tmp/gemini-slurm")
 CONF = os.environ.get("SLURM_CONF") or str(STATE_DIR / "slurm.conf")
@@ -228,3 +236,36 @@ def test_a_timed_out_job_requeues_resumes_from_storage_into_the_same_run_and_end
     if launcher == "slurm":
         assert squeue() == []
     assert own_segments(outputs_dir) == []
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_job_its_machine_cannot_hold_is_refused_by_task_0_in_one_line(
+    launcher: str, tmp_path: Path, outputs_dir: Path
+) -> None:
+    # The submitting host does not check a SLURM job's machines (they may be
+    # others): task 0 checks its own, and every task stops at its word.
+    # Four nodes, four copies of each rank's slots, on one host: a model
+    # whose slots outgrow this machine's /dev/shm, whatever its size.
+    from gemini.checkpoint.memory import estimate_rank_bytes
+    from gemini.checkpoint.slot import shm_available_bytes
+    from gemini.config import to_schema
+
+    per_rank = estimate_rank_bytes(to_schema(compose_config(["model=gpt_tiny"])))
+    layers = math.ceil(3 * shm_available_bytes() / (4 * 4 * 2 * per_rank))
+    args = [
+        *launcher_args(launcher),
+        *SMALL,
+        "cluster.nodes=4",
+        "model=gpt_tiny",
+        f"model.n_layer={layers * compose_config(['model=gpt_tiny']).model.n_layer}",
+        "backend=replicated",
+        "backend.replication.factor=4",
+    ]
+    rc, out, err = run_cli(args, tmp_path, outputs=outputs_dir, timeout_s=300, env=slurm_env())
+    assert rc == 2, f"{out}\n{err}"
+    lines = [line for line in err.splitlines() if line.startswith("gemini:")]
+    assert len(lines) == 1 and "backend.replication.factor=4" in lines[0], err
+    assert "Traceback" not in err
+    assert not list(outputs_dir.rglob("job.json")), "a store was started"
+    if launcher == "slurm":
+        assert squeue() == []
