@@ -97,7 +97,7 @@ def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str
         if task is not None and (job_dir or hydra_dir) is not None:
             from gemini.cluster.slurm import refuse_job
 
-            refuse_job(job_dir or hydra_dir, str(e))  # type: ignore[arg-type]
+            refuse_job(job_dir or hydra_dir, str(e), task.launch)  # type: ignore[arg-type]
         raise
     outputs = Path(typed.paths.outputs)
     check_writable("paths.outputs", outputs)
@@ -105,7 +105,9 @@ def run(cfg: DictConfig | GeminiConfig, job_dir: Path | None = None) -> dict[str
     check_writable("paths.outputs", job_dir)
     if typed.tracking.enabled and not typed.tracking.uri:
         check_writable("paths.outputs", outputs)
-    return Controller(typed, job_dir, sweep_dir, job_name).run()
+    controller = Controller(typed, job_dir, sweep_dir, job_name)
+    controller.launch = task.launch if task is not None else ""
+    return controller.run()
 
 
 def previous_attempt(cfg: GeminiConfig, job_dir: Path) -> JobSpec | None:
@@ -147,6 +149,8 @@ class Controller:
     ) -> None:
         self.cfg, self.job_dir, self.sweep_dir, self.job_name = cfg, job_dir, sweep_dir, job_name
         self.run_id = uuid.uuid4().hex[:10]
+        self.launch = ""
+        """Which start of a SLURM job this is (``job.json``'s ``launch``)."""
         self.reason = ""
         """Why the job ended as it did, as the controller saw it (e.g. the root vanished)."""
 
@@ -171,6 +175,7 @@ class Controller:
             attempt=prev.attempt + 1 if prev else 0,
             storage_id=prev.storage_run if prev else "",
             resume=prev is not None,
+            launch=self.launch,
         )
         store = Store(
             cfg.cluster.host, cfg.cluster.store_port, job.secret(), timeout_s=60.0, master=True

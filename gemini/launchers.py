@@ -53,6 +53,9 @@ LOCAL_TARGET = "hydra_plugins.gemini_launcher.LocalLauncher"
 OURS = (SLURM_TARGET, LOCAL_TARGET)
 """``_target_`` of the launchers :func:`check_launcher` knows how to check."""
 
+ATTEMPT_ENV = "GEMINI_SUBMIT_ATTEMPT"
+"""Set in every task: how many times the launcher's submission was requeued."""
+
 SINFO_TIMEOUT_S = 5.0
 """How long the partition check waits for ``sinfo``: a slow controller must not hang the CLI."""
 
@@ -176,13 +179,26 @@ class PerJobShape(stock.BaseSubmititLauncher):
     # Settings of ours that are not submitit parameters.
     _OWN_KEYS: frozenset[str] = frozenset({"tasks_per_host"})
 
+    attempt: int = 0
+    """Requeues of this submission so far: the requeued submission carries it
+    (see :meth:`checkpoint`), so every task of an attempt agrees on which it is."""
+
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         # Runs in every task, in a fresh interpreter: the config's resolvers
         # (paths.outputs) must exist before the stock code composes the job.
         from gemini.config import register_configs
 
         register_configs()
+        # Read by gemini.cluster.slurm.TaskEnv: the tasks of one attempt join
+        # that attempt's job, never a previous attempt's leftovers.
+        os.environ[ATTEMPT_ENV] = str(self.attempt)
         return super().__call__(*args, **kwargs)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        # Called in task 0 when SLURM signals a timeout or a preemption: what
+        # it returns is pickled and run again by every task of the next attempt.
+        self.attempt += 1
+        return super().checkpoint(*args, **kwargs)
 
     def shape(self, overrides: Sequence[str]) -> tuple[int, int]:
         """``(nodes, tasks_per_node)`` of the job that ``overrides`` select."""

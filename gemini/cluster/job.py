@@ -39,6 +39,9 @@ class JobSpec:
     storage_id: str = ""
     """Names the job's checkpoints on storage; a requeued job keeps its first
     attempt's so that it finds them (empty = :attr:`run_id`)."""
+    launch: str = ""
+    """Which start of a SLURM job wrote this file (``gemini.cluster.slurm.TaskEnv``):
+    the other tasks join only their own start's."""
     resume: bool = False
     """Start from the newest complete checkpoint on storage rather than step 0
     (a requeued job's later attempt)."""

@@ -69,10 +69,16 @@ class TaskEnv:
     job_id: str
     """SLURM job id (submitit_local: the local controller's pid)."""
     hostname: str
+    launch: str = "0.0"
+    """Which start of the job this is, the same in every task of it: the launcher's
+    requeue count (carried by the requeued submission) and SLURM's restart count
+    (which a requeue by hand bumps too)."""
 
     @classmethod
     def current(cls) -> TaskEnv:
         import submitit
+
+        from gemini.launchers import ATTEMPT_ENV
 
         try:
             env = submitit.JobEnvironment()
@@ -90,6 +96,9 @@ class TaskEnv:
             nhosts=max(1, int(env.num_nodes)),
             job_id=str(env.job_id),
             hostname=socket.gethostname(),
+            launch=".".join(
+                os.environ.get(name, "0") for name in (ATTEMPT_ENV, "SLURM_RESTART_COUNT")
+            ),
         )
 
     @property
@@ -274,37 +283,48 @@ REFUSED = "slurm-refused.json"
 the other tasks stop waiting for one."""
 
 
-def refuse_job(job_dir: Path, reason: str) -> None:
+def refuse_job(job_dir: Path, reason: str, launch: str) -> None:
     path = Path(job_dir) / REFUSED
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{REFUSED}.{os.getpid()}")
-    tmp.write_text(json.dumps({"reason": reason, "t": time.time()}))
+    tmp.write_text(json.dumps({"reason": reason, "launch": launch, "t": time.time()}))
     os.replace(tmp, path)
 
 
-def join_job(job_dir: Path, timeout_s: float = JOIN_TIMEOUT_S) -> tuple[JobSpec, Store]:
-    """Wait for this attempt's ``job.json`` and connect to its store.
+def join_job(
+    job_dir: Path, task: TaskEnv, timeout_s: float = JOIN_TIMEOUT_S
+) -> tuple[JobSpec, Store] | None:
+    """Wait for this start's ``job.json`` and connect to its store.
 
-    A ``job.json`` is this attempt's when its store answers and holds task 0's
-    registration signed under its secret: a previous attempt's store is gone
-    (or, if its port was reused, signs with another secret).
+    A ``job.json`` is this start's when it names this task's ``launch`` (a
+    requeued job finds the previous start's file until task 0 replaces it);
+    its store must then hold task 0's signed registration. None: task 0 ended
+    this start before this task joined (its store is gone or stopping).
     """
     path = job_dir / "job.json"
     deadline = time.monotonic() + timeout_s
-    # A refusal of this attempt is newer than this task (all start together).
-    started = psutil.Process().create_time() - 60.0
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
             refusal = json.loads((job_dir / REFUSED).read_text())
-            if float(refusal["t"]) > started:
-                raise JobRefused(f"task 0 refused the job: {refusal['reason']}")
-        with contextlib.suppress(Exception):
-            job = JobSpec.load(path)
-            store = Store.for_job(job, timeout_s=5.0)
-            if store.get_json_or(keys.slurm_task(0)) is not None and not store.exists(keys.ABORT):
+            if refusal.get("launch") == task.launch:
+                raise JobRefused(f"task 0 refused the job: {refusal.get('reason')}")
+        try:
+            job: JobSpec | None = JobSpec.load(path)
+        except (OSError, ValueError, TypeError):
+            job = None
+        if job is not None and job.launch == task.launch:
+            try:
+                store = Store.for_job(job, timeout_s=5.0)
+                over = store.exists(keys.ABORT) or store.exists(keys.DONE)
+                up = store.get_json_or(keys.slurm_task(0)) is not None
+            except Exception:  # the store was created before job.json: it is gone
+                return None
+            if over:
+                return None
+            if up:
                 return job, store
         time.sleep(1.0)
-    raise TimeoutError(f"task 0 published no live job in {path} within {timeout_s:.0f} s")
+    raise TimeoutError(f"task 0 published no job in {path} within {timeout_s:.0f} s")
 
 
 def serve_task(cfg: GeminiConfig, job_dir: Path, task: TaskEnv) -> dict[str, Any]:
@@ -312,7 +332,10 @@ def serve_task(cfg: GeminiConfig, job_dir: Path, task: TaskEnv) -> dict[str, Any
 
     Returns what it did, for the task's own result (task 0's is the job's).
     """
-    job, store = join_job(job_dir)
+    joined = join_job(job_dir, task)
+    if joined is None:
+        return {"task": task.rank, "nodes": [], "note": "the job ended before this task joined"}
+    job, store = joined
     log_dir = Path(job.job_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {"GEMINI_RUN_ID": job.run_id}
