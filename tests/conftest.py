@@ -440,6 +440,16 @@ def stop_tracking_server(proc: subprocess.Popen[str], timeout_s: float = 30.0) -
     assert rc == 0, f"the tracking server exited with {rc}"
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """A tracking server for a module's tests, started as ``make mlflow-server`` starts
+    it, over a store of its own; SIGTERM takes its tree down when the module ends."""
+    root = tmp_path_factory.mktemp("tracking-server")
+    srv = start_tracking_server(root / "store" / "mlflow.db", cwd=root)
+    yield srv
+    stop_tracking_server(srv.proc)
+
+
 STORE_SECRET = secrets.token_bytes(32)
 """The secret of the stores the ``signed_store`` fixture hosts."""
 

@@ -159,10 +159,7 @@ def _accepted(cfg: object) -> None:
     raise AssertionError("the config was accepted: a job would have started")
 
 
-@pytest.mark.parametrize(
-    ("args", "key", "value"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
-def test_bad_input_is_refused_in_one_line_before_anything_exists(
+def assert_cli_refuses(
     args: list[str],
     key: str,
     value: str,
@@ -170,6 +167,8 @@ def test_bad_input_is_refused_in_one_line_before_anything_exists(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """``gemini ARGS``, in this process, is refused in one line naming ``key`` and
+    ``value``, with nothing created and no process started."""
     from gemini import cli
 
     monkeypatch.setattr(sys, "argv", ["gemini", *failure_free(args)])
@@ -188,6 +187,20 @@ def test_bad_input_is_refused_in_one_line_before_anything_exists(
     assert not outputs_dir.exists(), "a refused run must not create its outputs directory"
     started = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not started, "a refused run started a process"
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "value"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_refused_in_one_line_before_anything_exists(
+    args: list[str],
+    key: str,
+    value: str,
+    outputs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert_cli_refuses(args, key, value, outputs_dir, monkeypatch, capsys)
 
 
 def test_there_are_at_least_thirty_cases_and_every_kind_of_mistake() -> None:

@@ -15,19 +15,16 @@ import json
 import os
 import re
 import shutil
-import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import launcher_probe
-import psutil
 import pytest
-from conftest import REPO, compose_config, failure_free, run_cli
+from conftest import REPO, compose_config, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from test_bad_input import assert_refused
+from test_bad_input import assert_cli_refuses, assert_refused
 
 from gemini.config import ConfigError, register_configs, to_schema
 from gemini.launchers import (
@@ -171,10 +168,6 @@ CASES: list[tuple[str, list[str], str, str]] = [
 ]  # fmt: skip
 
 
-def _accepted(cfg: object) -> None:
-    raise AssertionError("the config was accepted: a job would have been submitted")
-
-
 @pytest.mark.parametrize(
     ("args", "key", "value"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
@@ -186,22 +179,7 @@ def test_bad_launcher_settings_are_refused_in_one_line_before_submitting(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from gemini import cli
-
-    monkeypatch.setattr(sys, "argv", ["gemini", *failure_free(args)])
-    monkeypatch.setattr(cli, "_task", _accepted)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    try:
-        with pytest.raises(SystemExit) as exited:
-            cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-    got = capsys.readouterr()
-    code = exited.value.code
-    assert_refused(code if isinstance(code, int) else 1, got.out, got.err, key, value)
-    assert not outputs_dir.exists(), "a refused sweep must not create its outputs directory"
-    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    assert_cli_refuses(args, key, value, outputs_dir, monkeypatch, capsys)
 
 
 @pytest.mark.timeout(60)

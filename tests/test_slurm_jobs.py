@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,6 @@ from conftest import (
     compose_config,
     run_cli,
     start_cli,
-    start_tracking_server,
-    stop_tracking_server,
 )
 
 STATE_DIR = Path(os.environ.get("GEMINI_SLURM_DIR") or "/tmp/gemini-slurm")
@@ -82,14 +79,6 @@ def squeue() -> list[str]:
     )
     assert out.returncode == 0, out.stderr
     return [line for line in out.stdout.splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    root = tmp_path_factory.mktemp("tracking-server")
-    srv = start_tracking_server(root / "store" / "mlflow.db", cwd=root)
-    yield srv
-    stop_tracking_server(srv.proc)
 
 
 def summaries(outputs: Path) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ tests/test_bad_input.py has that case.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,6 @@ import pytest
 from conftest import (
     TrackingServer,
     free_port,
-    start_tracking_server,
-    stop_tracking_server,
 )
 
 from gemini.tracking_server import health_error
@@ -33,14 +31,6 @@ Cli = Callable[..., tuple[int, str, str]]
 
 # The cheapest job that still has two nodes to recover across.
 SMALL = ["model=mlp", "cluster.nodes=2", "cluster.heartbeat_s=0.5"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    root = tmp_path_factory.mktemp("tracking-server")
-    srv = start_tracking_server(root / "store" / "mlflow.db", cwd=root)
-    yield srv
-    stop_tracking_server(srv.proc)
 
 
 def client_of(server: TrackingServer) -> Any:

@@ -10,12 +10,11 @@ from the environment, which the tests set as SLURM would.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TrackingServer, compose_config, start_tracking_server, stop_tracking_server
+from conftest import TrackingServer, compose_config
 
 from gemini.config import GeminiConfig, to_schema
 from gemini.tracking import RUN_FILE, metric_names, open_job_run, record_job, slurm_tags
@@ -240,14 +239,6 @@ def test_a_job_run_is_tagged_with_the_slurm_job_it_runs_in(
 
 
 # -- through a tracking server -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    root = tmp_path_factory.mktemp("tracking-server")
-    srv = start_tracking_server(root / "store" / "mlflow.db", cwd=root)
-    yield srv
-    stop_tracking_server(srv.proc)
 
 
 @pytest.mark.slow

@@ -12,14 +12,17 @@ group, elsewhere through the scheduler.
 A failure is a cluster operation, not a signal the injector sends itself: on
 a cluster whose nodes are other machines, the controller has no PID to signal.
 Every implementation carries failures out the same way
-(:class:`AgentFailures`): a signed order to the target's own agent (or to the
+(:class:`ClusterBase`): a signed order to the target's own agent (or to the
 root agent), which acts on its own processes and memory and acknowledges
 (``gemini.cluster.orders``).
 """
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gemini.cluster import keys, orders
@@ -96,16 +99,45 @@ class Cluster(Protocol):
         ...
 
 
-class AgentFailures:
-    """The failure half of :class:`Cluster`, shared by every launcher: each kill
-    is an order that the target carries out itself (``gemini.cluster.orders``).
+class ClusterBase:
+    """What every launcher shares: the root agent started by the controller, the
+    root's spawn requests served through :meth:`replace_node`, and failures as
+    orders their targets carry out (``gemini.cluster.orders``).
 
-    Subclasses set ``store`` and ``job``; :meth:`kill_node` is extended where
-    the launcher also owns the node's top process (to reap it).
+    Subclasses set ``store``, ``job``, ``log_dir`` and ``env`` and implement
+    ``replace_node``; :meth:`kill_nodes` is extended where the launcher also
+    owns a node's top process (to reap it).
     """
 
     store: Store
     job: JobSpec
+    log_dir: Path
+    env: dict[str, str]
+    spawn_seen: int = 0
+
+    def replace_node(self, node: int) -> None:
+        raise NotImplementedError
+
+    def start_root(self) -> subprocess.Popen[bytes]:
+        """The root agent, in a session of its own on the controller's machine."""
+        from gemini.cluster.processes import spawn_module
+
+        root = spawn_module(
+            "gemini.cluster.root",
+            ["--job", str(Path(self.job.job_dir) / "job.json")],
+            log_path=self.log_dir / "root.log",
+            new_session=True,
+            env=self.env,
+        )
+        self.store.set_json(keys.ROOT_PID, {"pid": root.pid})
+        return root
+
+    def service(self) -> None:
+        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
+            self.spawn_seen = n
+            node = int(req["node"])
+            self.replace_node(node)
+            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
 
     def kill_trainers(
         self, nodes: Sequence[int], ranks: Sequence[int], inject: dict[str, Any] | None = None

@@ -5,7 +5,7 @@ Each node is a node launcher process in its own session (so that exactly one
 node can be taken down, and a Ctrl-C reaches only the controller, which then
 tears everything down in order). The root agent is a process of its own.
 Every process is on this host, so "replace the machine" is a fresh process
-tree; a failure is an order its target carries out (``AgentFailures``).
+tree; a failure is an order its target carries out (``ClusterBase``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import psutil
 
 from gemini.checkpoint.slot import unlink_prefix
 from gemini.cluster import keys
-from gemini.cluster.base import AgentFailures
+from gemini.cluster.base import ClusterBase
 from gemini.cluster.job import JobSpec
 from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
@@ -59,7 +59,7 @@ def sweep_stale_segments() -> list[str]:
     return freed
 
 
-class LocalCluster(AgentFailures):
+class LocalCluster(ClusterBase):
     """N simulated nodes and the root agent as process trees on this host
     (the methods' contracts are :class:`gemini.cluster.base.Cluster`'s)."""
 
@@ -77,14 +77,7 @@ class LocalCluster(AgentFailures):
 
     def start(self) -> None:
         sweep_stale_segments()
-        self.root = spawn_module(
-            "gemini.cluster.root",
-            ["--job", self.job_path],
-            log_path=self.log_dir / "root.log",
-            new_session=True,
-            env=self.env,
-        )
-        self.store.set_json(keys.ROOT_PID, {"pid": self.root.pid})
+        self.root = self.start_root()
         for n in range(self.job.cfg.cluster.nodes):
             self._start_node(n)
 
@@ -97,13 +90,6 @@ class LocalCluster(AgentFailures):
             env=self.env,
         )
         self.store.set_json(keys.launcher(node), {"pid": self.nodes[node].pid})
-
-    def service(self) -> None:
-        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
-            self.spawn_seen = n
-            node = int(req["node"])
-            self.replace_node(node)
-            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
 
     def kill_nodes(
         self, nodes: Sequence[int], inject: dict[str, Any] | None = None

@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 
 from gemini.cluster import keys
-from gemini.cluster.base import AgentFailures
+from gemini.cluster.base import ClusterBase
 from gemini.cluster.job import JobSpec
 from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
 from gemini.cluster.store import Store
@@ -133,7 +133,7 @@ def check_task_host(cfg: GeminiConfig, task: TaskEnv) -> None:
         check_shm_budget(cfg, here)
 
 
-class SlurmCluster(AgentFailures):
+class SlurmCluster(ClusterBase):
     """Task 0's side of a SLURM job: the root and node 0 as its own children,
     every other node by assignment to a task (contracts: ``Cluster``'s)."""
 
@@ -164,14 +164,7 @@ class SlurmCluster(AgentFailures):
             keys.slurm_task(0),
             {"host": self.task.hostname, "pid": os.getpid(), "t": time.time()},
         )
-        self.root = spawn_module(
-            "gemini.cluster.root",
-            ["--job", self.job_path],
-            log_path=self.log_dir / "root.log",
-            new_session=True,
-            env=self.env,
-        )
-        self.store.set_json(keys.ROOT_PID, {"pid": self.root.pid})
+        self.root = self.start_root()
         for node, task in self.task_of.items():
             self.assign(task, node)
 
@@ -187,13 +180,6 @@ class SlurmCluster(AgentFailures):
             keys.slurm_assign(task),
             {"node": node, "n": self.assignments[task], "t": time.time()},
         )
-
-    def service(self) -> None:
-        for n, req in self.store.items(keys.SPAWN, self.spawn_seen + 1):
-            self.spawn_seen = n
-            node = int(req["node"])
-            self.replace_node(node)
-            self.store.set_json(keys.spawn_ack(n), {"node": node, "t": time.time()})
 
     def replace_node(self, node: int) -> None:
         # A standby takes the failed node's place; with none left, the task that
