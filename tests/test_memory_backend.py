@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from gemini.checkpoint import format as fmt
 from gemini.checkpoint.backend import BackendContext, CheckpointBackend, make_backend
 from gemini.checkpoint.memory import check_shm_budget, estimate_rank_bytes
-from gemini.checkpoint.node_memory import corrupt_replica
+from gemini.checkpoint.node_memory import corrupt_held_replica
 from gemini.checkpoint.slot import list_segments, shm_available_bytes, unlink_prefix
 from gemini.cluster import keys
 from gemini.cluster.job import JobSpec, new_secret_file
@@ -379,7 +379,7 @@ def test_a_corrupted_replica_is_left_out_of_the_inventory_and_never_committed(
     finally:
         backend.close()
     nodes.lose_node(0)
-    hit = corrupt_replica(nodes.job, nodes.store, rank=0)
+    hit = corrupt_held_replica(nodes.job, 1, rank=0)
     assert hit["holder"] == 1 and hit["step"] == 2
     # The holder verifies before it reports: only the intact older step is offered.
     assert nodes.inventory()[1]["0"] == [[1, 1]]
