@@ -8,8 +8,11 @@ end-to-end exactness of each kind is in tests/test_failure_kinds_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from conftest import STORE_SECRET
 from omegaconf import OmegaConf
 
 from gemini.cluster import keys
+from gemini.cluster.agent import WorkerAgent
 from gemini.cluster.job import JobSpec
 from gemini.cluster.local import LocalCluster
 from gemini.cluster.store import Store
@@ -53,6 +57,33 @@ def trainers() -> Iterator[list[subprocess.Popen[bytes]]]:
         p.wait()
 
 
+@contextlib.contextmanager
+def agents_serving(injector: Injector, procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """Each node's worker agent, serving its orders as its loop does in a job, with
+    its node's stand-in trainer as generation 0's rank: a failure is an order the
+    agent carries out (gemini.cluster.orders), not a signal the injector sends."""
+    agents = []
+    for node, p in enumerate(procs):
+        agent = WorkerAgent(injector.job, node)
+        agent.trainers = {node: p}
+        agents.append(agent)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            for agent in agents:
+                agent.obey_orders()
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
     secret_file = tmp_path / ".secret"
     secret_file.write_text(STORE_SECRET.hex())
@@ -64,7 +95,7 @@ def injector_for(cfg: GeminiConfig, store: Store, tmp_path: Path) -> Injector:
         config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
     )
     # Software failures kill trainers alone: the cluster is never started, so
-    # no node launcher is involved.
+    # no node launcher is involved (the agents are served by agents_serving).
     return Injector(job, store, LocalCluster(job, store))
 
 
@@ -95,10 +126,11 @@ def test_a_software_failure_of_several_nodes_kills_a_rank_on_each(
     assert event.kind == "software" and len(event.nodes) == 2
     injector = injector_for(cfg, store, tmp_path)
     announce(store, trainers, step=4)
-    injector.tick()
-    assert injector.fired == [], "fired before its step"
-    announce(store, trainers, step=5)
-    injector.tick()
+    with agents_serving(injector, trainers):
+        injector.tick()
+        assert injector.fired == [], "fired before its step"
+        announce(store, trainers, step=5)
+        injector.tick()
     assert [f["nodes"] for f in injector.fired] == [list(event.nodes)]
     for rank, p in enumerate(trainers):
         if rank in event.nodes:
@@ -114,10 +146,11 @@ def test_a_software_failure_due_during_a_restart_lands_on_the_next_generation(
     injector = injector_for(cfg, store, tmp_path)
     for rank in range(4):
         store.set(keys.progress(rank), "6")
-    injector.tick()  # due, but no trainer of the generation has started yet
-    assert injector.fired == [] and len(injector.pending) == 1
-    announce(store, trainers, step=6)
-    injector.tick()
+    with agents_serving(injector, trainers):
+        injector.tick()  # due, but no trainer of the generation has started yet
+        assert injector.fired == [] and len(injector.pending) == 1
+        announce(store, trainers, step=6)
+        injector.tick()
     assert len(injector.fired) == 1 and injector.pending == []
     assert trainers[2].wait(timeout=10) == -9
 
