@@ -108,7 +108,7 @@ class RootAgent:
         now = time.monotonic()
         return [n for n in range(self.nodes) if self.live.stale(n, now, self.limit_s)]
 
-    def hung_ranks(self, exits: dict[int, Any], dead: list[int]) -> list[int]:
+    def hung_ranks(self, exits: dict[int, Any], dead: list[int], finals: list[int]) -> list[int]:
         """Ranks of the current generation whose trainer stopped beating for
         ``cluster.hang_timeout_s`` while it has not exited and its node lives.
 
@@ -118,12 +118,15 @@ class RootAgent:
         """
         if self.hang_timeout_s <= 0:
             return []
+        finished = set(finals)
         if self.rank_live_gen != self.gen:
             self.rank_live, self.rank_live_gen = Liveness(), self.gen
         now = time.monotonic()
         hung = []
         for r in range(self.world):
-            if r in exits or self.rank_node[r] in dead:
+            # A rank past its final report has finished training: what is left
+            # is its exit, and an interpreter shutting down runs no threads.
+            if r in exits or self.rank_node[r] in dead or r in finished:
                 continue
             if r not in self.rank_live.counters and not self.store.exists(
                 keys.trainer(self.gen, r)
@@ -286,7 +289,7 @@ class RootAgent:
             killed = [r for r, e in exits.items() if e["code"] < 0 and e["code"] != -15]
             crashed = [r for r, e in exits.items() if e["code"] != 0]
             now = time.monotonic()
-            hung = [] if dead or killed else self.hung_ranks(exits, dead)
+            hung = [] if dead or killed else self.hung_ranks(exits, dead, finals)
             if dead or killed:
                 self.on_failure(dead, killed, exits)
                 suspicious_since = None
