@@ -85,12 +85,11 @@ class ClusterConfig:
     """Beats a node may miss before the root agent declares it failed."""
     collective_timeout_s: float = 20.0
     """Process-group timeout: how long a survivor may block in a collective."""
-    hang_timeout_s: float = 10.0
+    hang_timeout_s: float = 3.0
     """A rank whose trainer heartbeat stops for this long while its node's agent lives
     is declared hung and handled as a crash (its agent kills it, then recovery); must be
     > ``heartbeat_s``; 0 = off (a hang then surfaces only as its peers' collective
-    timeout). Half the collective timeout by default: short enough to beat it, long
-    enough that a host loaded well past its cores does not pass for a hang."""
+    timeout)."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
     max_restarts: int = 20
