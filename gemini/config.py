@@ -85,11 +85,6 @@ class ClusterConfig:
     """Beats a node may miss before the root agent declares it failed."""
     collective_timeout_s: float = 20.0
     """Process-group timeout: how long a survivor may block in a collective."""
-    hang_timeout_s: float = 3.0
-    """A rank whose trainer heartbeat stops for this long while its node's agent lives
-    is declared hung and handled as a crash (its agent kills it, then recovery); must be
-    > ``heartbeat_s``; 0 = off (a hang then surfaces only as its peers' collective
-    timeout)."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
     max_restarts: int = 20
@@ -165,13 +160,13 @@ class BackendConfig:
 class FailureConfig:
     name: str = "none"
     """Schedule: none, software_once, hardware_once, two_in_group, poisson, weibull,
-    correlated, kill_during_snapshot, corruption, root_loss, hang_once."""
+    correlated, kill_during_snapshot, corruption, root_loss."""
     at_step: int | None = None
     """Step at which a one-off failure fires (None = seeded-random in the middle half)."""
     node: int | None = None
     """Node hit by a one-off failure (None = seeded-random)."""
     rank_in_node: int = 0
-    """software and hang failures: which local rank is hit."""
+    """software failures: which local rank is killed."""
     mtbf_s: float = 600.0
     """poisson/weibull: mean time between failures, seconds."""
     weibull_shape: float = 0.7
@@ -373,15 +368,6 @@ def check_values(cfg: GeminiConfig) -> None:
         raise ConfigError("cluster.heartbeat_s", c.heartbeat_s, "must be > 0 seconds")
     if c.collective_timeout_s <= 0:
         raise ConfigError("cluster.collective_timeout_s", c.collective_timeout_s, "must be > 0")
-    if not math.isfinite(c.hang_timeout_s) or (
-        c.hang_timeout_s != 0 and c.hang_timeout_s <= c.heartbeat_s
-    ):
-        # At or below one beat, a live trainer would look hung between two beats.
-        raise ConfigError(
-            "cluster.hang_timeout_s",
-            c.hang_timeout_s,
-            f"must be > cluster.heartbeat_s={c.heartbeat_s} seconds, or 0 (off)",
-        )
     _choice("cluster.device", c.device, DEVICES)
     if c.launcher == "local":
         # On SLURM each task checks the machine it landed on (gemini.cluster.slurm).
@@ -518,13 +504,7 @@ def _refused() -> Iterator[None]:
 
 # Schedules whose events all hit one node at a step, as a kill during a
 # snapshot must be armed (the trainer, not the injector, fires it).
-_ONE_NODE_AT_A_STEP = (
-    "kill_during_snapshot",
-    "software_once",
-    "hardware_once",
-    "corruption",
-    "hang_once",
-)
+_ONE_NODE_AT_A_STEP = ("kill_during_snapshot", "software_once", "hardware_once", "corruption")
 
 
 def dry_run(cfg: GeminiConfig) -> None:
@@ -532,7 +512,6 @@ def dry_run(cfg: GeminiConfig) -> None:
     from gemini.checkpoint.cadence import cadence_for
     from gemini.checkpoint.placement import holders_of_all, resolve_placement
     from gemini.failures import schedule_for
-    from gemini.schedules import RANK_KINDS
 
     b, c, f = cfg.backend, cfg.cluster, cfg.failure
     with _refused():
@@ -541,7 +520,7 @@ def dry_run(cfg: GeminiConfig) -> None:
             r = b.replication
             holders_of_all(c.nodes, r.factor, resolve_placement(c.nodes, r.factor, r.placement))
         events = schedule_for(cfg)
-    if f.rank_in_node >= c.ranks_per_node and any(e.kind in RANK_KINDS for e in events):
+    if f.rank_in_node >= c.ranks_per_node and any(e.kind == "software" for e in events):
         raise ConfigError(
             "failure.rank_in_node",
             f.rank_in_node,
@@ -551,13 +530,6 @@ def dry_run(cfg: GeminiConfig) -> None:
     kinds = {e.kind for e in events}
     one_kind = f.name in _ONE_NODE_AT_A_STEP
     key, value = ("failure.name", f.name) if one_kind else ("failure.kind", f.kind)
-    if "hang" in kinds and c.hang_timeout_s == 0:
-        raise ConfigError(
-            key,
-            value,
-            "a hung trainer never exits, and cluster.hang_timeout_s=0 turns off the watchdog "
-            "that finds it: set cluster.hang_timeout_s > cluster.heartbeat_s, or another failure",
-        )
     if "corruption" in kinds:
         if b.name != "replicated" or b.replication.factor < 2:
             raise ConfigError(

@@ -222,14 +222,22 @@ class WorkerAgent:
     def obey_orders(self) -> None:
         for n, order in self.inbox.pending():
             op = order.get("op")
-            if op in ("kill_trainers", "hang_trainers"):
-                sig = signal.SIGKILL if op == "kill_trainers" else signal.SIGSTOP
+            if op == "kill_trainers":
+                # Only the generation the order saw: a restart since then has
+                # other trainers, which the failure never aimed at.
+                same_gen = int(order.get("gen", -1)) == self.gen
+                procs = [
+                    self.trainers.get(self.ranks[i])
+                    for i in order.get("ranks", [])
+                    if same_gen and 0 <= int(i) < len(self.ranks)
+                ]
                 t = self.inbox.record_injection(order)
-                hit = self.signal_trainers(order, sig)
-                if op == "kill_trainers":
-                    self.inbox.ack(n, t=t, killed=hit)
-                else:
-                    self.inbox.ack(n, t=t, stopped=hit)
+                killed = []
+                for proc in procs:
+                    if proc is not None and proc.poll() is None:
+                        proc.kill()
+                        killed.append(proc.pid)
+                self.inbox.ack(n, t=t, killed=killed)
             elif op == "kill_node":
                 t = self.inbox.record_injection(order)
                 self.inbox.ack(n, t=t)
@@ -241,25 +249,6 @@ class WorkerAgent:
                 self.inbox.ack(n, result=result)
             else:
                 self.inbox.ack(n, error=f"unknown order {op!r}")
-
-    def signal_trainers(self, order: dict[str, Any], sig: int) -> list[int]:
-        """Send ``sig`` to the order's trainers that are running; returns their PIDs."""
-        # Only the generation the order saw: a restart since then has other
-        # trainers, which the failure never aimed at.
-        same_gen = int(order.get("gen", -1)) == self.gen
-        procs = [
-            self.trainers.get(self.ranks[i])
-            for i in order.get("ranks", [])
-            if same_gen and 0 <= int(i) < len(self.ranks)
-        ]
-        hit = []
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
-                # A stopped process still takes SIGKILL, so the root's kill of
-                # a hung trainer lands the same way as an injected one.
-                proc.send_signal(sig)
-                hit.append(proc.pid)
-        return hit
 
     def die(self) -> None:
         """A hardware failure of this node: everything below this agent dies at

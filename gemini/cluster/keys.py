@@ -50,17 +50,12 @@ HB_ROOT = "hb/root"
 
 
 def hb(name: str) -> str:
-    """Heartbeat counter of ``node{i}``, ``rank{r}`` or ``root``."""
+    """Heartbeat counter of ``node{i}`` or ``root``."""
     return f"hb/{name}"
 
 
 def hb_node(node: int) -> str:
     return hb(f"node{node}")
-
-
-def hb_rank(rank: int) -> str:
-    """Progress heartbeat of rank ``rank``'s trainer (the hang watchdog's)."""
-    return hb(f"rank{rank}")
 
 
 # -- worker agents ----------------------------------------------------------------
@@ -234,14 +229,6 @@ TABLE: tuple[Key, ...] = (
         f"{_R}, {_A}",
         "heartbeat counter of node i, compared against the reader's own clock",
     ),
-    Key(
-        "hb/rank{r}",
-        False,
-        _T,
-        _R,
-        "heartbeat counter of rank r's trainer (any generation); stalled while its node lives "
-        "= hung",
-    ),
     Key("hb/root", False, _R, f"{_A}, {_C}", "heartbeat counter of the root agent"),
     Key("agent/node{i}", True, _A, f"{_R}, {_T}", "JSON: pid, transport address, incarnation"),
     Key("agent/node{i}/incarnation", False, _A, _A, "counter: starts of node i's agent"),
@@ -283,22 +270,16 @@ TABLE: tuple[Key, ...] = (
     ),
     Key("inject/arm/{r}", True, _C, _T, "JSON: kill rank r midway through the snapshot of a step"),
     Key("inject/fired/{id}", True, _T, _T, "flag: the armed failure id has fired"),
-    Key("order/node{i}/n", False, f"{_C}, {_R}", _A, "counter: orders sent to node i's agent"),
+    Key("order/node{i}/n", False, _C, _A, "counter: orders sent to node i's agent"),
     Key(
         "order/node{i}/{n}",
         True,
-        f"{_C}, {_R}",
+        _C,
         _A,
-        "JSON: order n to node i's agent: kill or stop (hang) its trainers, the whole node "
-        "(and free its memory), or corrupt a replica it holds; the root kills hung trainers",
+        "JSON: order n to node i's agent: kill its trainers, the whole node (and free its "
+        "memory), or corrupt a replica it holds",
     ),
-    Key(
-        "order/node{i}/{n}/ack",
-        True,
-        _A,
-        f"{_C}, {_R}",
-        "JSON: order n carried out (wall time, result)",
-    ),
+    Key("order/node{i}/{n}/ack", True, _A, _C, "JSON: order n carried out (wall time, result)"),
     Key("order/root/n", False, _C, _R, "counter: orders sent to the root agent"),
     Key("order/root/{n}", True, _C, _R, "JSON: order n to the root agent: die (root_loss)"),
     Key("order/root/{n}/ack", True, _R, _C, "JSON: order n carried out (wall time)"),

@@ -119,17 +119,10 @@ class Recovery:
     """The recovery from one failure, driven by the root agent."""
 
     def __init__(
-        self,
-        root: RootAgent,
-        dead: list[int],
-        ranks: list[int],
-        exits: dict[int, Any],
-        hung: bool = False,
+        self, root: RootAgent, dead: list[int], ranks: list[int], exits: dict[int, Any]
     ) -> None:
         self.root, self.store, self.cfg = root, root.store, root.cfg
         self.dead, self.ranks, self.exits = dead, ranks, exits
-        self.hung = hung
-        """The failed ranks were found hung (and killed) by the watchdog, not by their exit."""
         self.dead_set: set[int] = set(dead)
         self.replaced: set[int] = set()
         self.excluded: list[tuple[int, int, str, int]] = []
@@ -177,7 +170,7 @@ class Recovery:
                 keys.ROOT_INJECT_SEEN, root.inject_seen - store.counter(keys.ROOT_INJECT_SEEN)
             )
         t_inject = min((rec["t"] for _, rec in injected), default=t_detect)
-        kind = self.kind(self.dead)
+        kind = "hardware" if self.dead else "software"
         failed_step = root.progress()
         root.log(
             f"failure: {kind}; dead nodes {self.dead}, failed ranks {self.ranks}; "
@@ -200,12 +193,6 @@ class Recovery:
             "detect_s": t_detect - t_inject,
             "injected": [r for _, r in injected],
         }
-
-    def kind(self, dead: list[int]) -> str:
-        """The failure's kind as recorded: a lost node outweighs a rank's failure."""
-        if dead:
-            return "hardware"
-        return "hang" if self.hung else "software"
 
     # -- 2. teardown ----------------------------------------------------------------------
     def teardown(self) -> None:
@@ -235,7 +222,7 @@ class Recovery:
             self.alloc_before_s += self.root.wait_allocated(lost)
         rec = self.rec
         rec["dead_nodes"] = sorted(self.dead_set)
-        rec["kind"] = self.kind(sorted(self.dead_set))
+        rec["kind"] = "hardware" if self.dead_set else "software"
         if self.dead_set:
             rec["failed"] = f"nodes {sorted(self.dead_set)}"
         rec["replace_s"] = time.time() - self.t_torn

@@ -1,13 +1,10 @@
 """The root agent: detects failures, drives recovery, and declares the job done.
 
 It launches generation 1 once every worker agent has registered, then
-watches four things through the KV store: the agents' heartbeats (a node
+watches three things through the KV store: the agents' heartbeats (a node
 that misses ``cluster.missed_beats`` beats has failed: a hardware failure),
 the trainers' exits as their agents report them (a rank killed by a signal
-while its agent lives: a software failure), the trainers' own heartbeats (a
-rank silent for ``cluster.hang_timeout_s`` while its node lives is hung: its
-agent kills it and it is recovered as a software failure), and the ranks'
-final reports.
+while its agent lives: a software failure), and the ranks' final reports.
 
 On a failure it stops the generation, replaces lost nodes (asking the
 launcher for a fresh one), asks the surviving agents what checkpoints they
@@ -84,11 +81,6 @@ class RootAgent:
         self.rank_node = {r: r // c.ranks_per_node for r in range(self.world)}
         self.limit_s = c.heartbeat_s * c.missed_beats
         self.live = Liveness()
-        self.hang_timeout_s = c.hang_timeout_s
-        # The trainers' beats, per rank, for the current generation only
-        # (``rank_live_gen``): a new trainer is judged from its own start.
-        self.rank_live = Liveness()
-        self.rank_live_gen = -1
         self.gen = int(self.store.get_json_or(keys.GEN, 0))
         self.inject_seen = self.store.counter(keys.ROOT_INJECT_SEEN)
         # A root serves one epoch; finding a newer one means it was presumed
@@ -107,51 +99,6 @@ class RootAgent:
     def dead_nodes(self) -> list[int]:
         now = time.monotonic()
         return [n for n in range(self.nodes) if self.live.stale(n, now, self.limit_s)]
-
-    def hung_ranks(self, exits: dict[int, Any], dead: list[int], finals: list[int]) -> list[int]:
-        """Ranks of the current generation whose trainer stopped beating for
-        ``cluster.hang_timeout_s`` while it has not exited and its node lives.
-
-        Only a trainer that has started (``trainer/{g}/{r}``) is watched: one
-        still importing has beaten from its first line on, but one not yet
-        launched has no beat to miss.
-        """
-        if self.hang_timeout_s <= 0:
-            return []
-        finished = set(finals)
-        if self.rank_live_gen != self.gen:
-            self.rank_live, self.rank_live_gen = Liveness(), self.gen
-        now = time.monotonic()
-        hung = []
-        for r in range(self.world):
-            # A rank past its final report has finished training: what is left
-            # is its exit, and an interpreter shutting down runs no threads.
-            if r in exits or self.rank_node[r] in dead or r in finished:
-                continue
-            if r not in self.rank_live.counters and not self.store.exists(
-                keys.trainer(self.gen, r)
-            ):
-                continue
-            self.rank_live.update(r, self.store.counter(keys.hb_rank(r)), now)
-            if self.rank_live.stale(r, now, self.hang_timeout_s):
-                hung.append(r)
-        return hung
-
-    def kill_hung(self, ranks: list[int]) -> None:
-        """Have each hung rank's own agent SIGKILL it (nothing kills across nodes by PID)."""
-        from gemini.cluster import orders
-
-        rpn = self.cfg.cluster.ranks_per_node
-        sends = [
-            (
-                keys.node_orders(self.rank_node[r]),
-                {"op": "kill_trainers", "ranks": [r % rpn], "gen": self.gen, "inject": None},
-            )
-            for r in ranks
-        ]
-        for (_, order), ack in zip(sends, orders.send(self.store, sends), strict=True):
-            if ack is None:
-                self.log(f"no agent acknowledged the kill of hung rank(s) {order['ranks']}")
 
     def exits(self, gen: int) -> dict[int, dict[str, Any]]:
         got = {r: self.store.get_json_or(keys.exited(gen, r)) for r in range(self.world)}
@@ -289,17 +236,8 @@ class RootAgent:
             killed = [r for r, e in exits.items() if e["code"] < 0 and e["code"] != -15]
             crashed = [r for r, e in exits.items() if e["code"] != 0]
             now = time.monotonic()
-            hung = [] if dead or killed else self.hung_ranks(exits, dead, finals)
             if dead or killed:
                 self.on_failure(dead, killed, exits)
-                suspicious_since = None
-            elif hung:
-                self.log(
-                    f"ranks {hung}: no trainer heartbeat for "
-                    f"{self.hang_timeout_s:g} s while their nodes live: hung"
-                )
-                self.kill_hung(hung)
-                self.on_failure([], hung, exits, hung=True)
                 suspicious_since = None
             elif crashed:
                 # A survivor's trainer dies of a broken connection before the
@@ -426,12 +364,10 @@ class RootAgent:
         plans = {g: self.store.get_json_or(keys.plan(g)) for g in range(1, self.gen + 1)}
         return Timeline.from_plans({g: p for g, p in plans.items() if p is not None})
 
-    def on_failure(
-        self, dead: list[int], ranks: list[int], exits: dict[int, Any], hung: bool = False
-    ) -> None:
+    def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
         """Recover (``gemini.cluster.recovering``), or end the job with the reason why not."""
         try:
-            Recovery(self, dead, ranks, exits, hung=hung).run()
+            Recovery(self, dead, ranks, exits).run()
         except RecoveryFailed as e:
             self.fail(str(e))
 

@@ -428,16 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the agent closed our stdin: not needed any more
         _set_idle(False)
         gen = int(line)
-    job = JobSpec.load(a.job)
-    # The hang watchdog's beat: a thread, so it beats while the main thread
-    # waits in a collective (gloo releases the GIL) and stops only when the
-    # whole process does (a SIGSTOP) or exits. A spare starts it only once it
-    # is a trainer, or it would beat for the rank it may replace.
-    if job.cfg.cluster.hang_timeout_s > 0:
-        from gemini.cluster.agent import Heartbeat
-
-        Heartbeat(job, f"rank{a.rank}", job.cfg.cluster.heartbeat_s).start()
-    return train(job, a.node, a.rank, a.local_rank, gen)
+    return train(JobSpec.load(a.job), a.node, a.rank, a.local_rank, gen)
 
 
 if __name__ == "__main__":
