@@ -127,19 +127,9 @@ def previous_attempt(cfg: GeminiConfig, job_dir: Path) -> JobSpec | None:
 def free_attempt(prev: JobSpec) -> None:
     """Whatever a killed earlier attempt left on this machine: processes, shared
     memory, its secret (the new attempt writes a new one to a new file)."""
-    import contextlib
+    from gemini.cluster.processes import free_run
 
-    import psutil
-
-    from gemini.checkpoint.slot import unlink_prefix
-    from gemini.cluster.processes import run_processes
-
-    procs = run_processes(prev.run_id)
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(procs, timeout=5)
-    unlink_prefix(f"gemini-{prev.run_id}-")
+    free_run(prev.run_id)
     Path(prev.secret_file).unlink(missing_ok=True)
 
 

@@ -17,13 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from gemini.checkpoint.slot import unlink_prefix
 from gemini.cluster import keys
 from gemini.cluster.base import ClusterBase
 from gemini.cluster.job import JobSpec
-from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
+from gemini.cluster.processes import (
+    free_run,
+    kill_tree,
+    run_processes,
+    spawn_module,
+    terminate_tree,
+)
 from gemini.cluster.store import Store
 
 
@@ -132,11 +136,6 @@ class LocalCluster(ClusterBase):
                 kill_tree(p.pid)
         # Orphans (an elected root whose node died, a trainer whose agent was
         # killed) were re-parented away from us: find them by the run's env.
-        leftovers = run_processes(self.job.run_id)
-        for proc in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(leftovers, timeout=5)
-        unlink_prefix(f"gemini-{self.job.run_id}-")
+        free_run(self.job.run_id)
         # Every process that needed the secret is gone.
         Path(self.job.secret_file).unlink(missing_ok=True)

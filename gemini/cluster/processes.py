@@ -78,6 +78,19 @@ def terminate_tree(pid: int, grace_s: float = 3.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+def free_run(run_id: str) -> None:
+    """Kill every live process of a run on this machine, orphans included, and free
+    its shared memory: the end of every teardown, and of a killed earlier attempt."""
+    from gemini.checkpoint.slot import unlink_prefix
+
+    leftovers = run_processes(run_id)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(leftovers, timeout=5)
+    unlink_prefix(f"gemini-{run_id}-")
+
+
 def run_processes(run_id: str) -> list[psutil.Process]:
     """Every live process started for this run, orphans included (found by env)."""
     me = os.getpid()

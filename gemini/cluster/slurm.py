@@ -36,12 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from gemini.cluster import keys
 from gemini.cluster.base import ClusterBase
 from gemini.cluster.job import JobSpec
-from gemini.cluster.processes import kill_tree, run_processes, spawn_module, terminate_tree
+from gemini.cluster.processes import (
+    free_run,
+    kill_tree,
+    spawn_module,
+    terminate_tree,
+)
 from gemini.cluster.store import Store
 from gemini.config import ConfigError, GeminiConfig
 
@@ -220,7 +223,6 @@ class SlurmCluster(ClusterBase):
         return t
 
     def teardown(self) -> None:
-        from gemini.checkpoint.slot import unlink_prefix
 
         with contextlib.suppress(Exception):
             self.store.set(keys.ABORT, "1")
@@ -237,12 +239,7 @@ class SlurmCluster(ClusterBase):
             if all(self.store.exists(keys.slurm_exit(k)) for k in registered):
                 break
             time.sleep(0.1)
-        leftovers = run_processes(self.job.run_id)
-        for proc in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(leftovers, timeout=5)
-        unlink_prefix(f"gemini-{self.job.run_id}-")
+        free_run(self.job.run_id)
         Path(self.job.secret_file).unlink(missing_ok=True)
 
 
