@@ -59,6 +59,10 @@ ATTEMPT_ENV = "GEMINI_SUBMIT_ATTEMPT"
 SINFO_TIMEOUT_S = 5.0
 """How long the partition check waits for ``sinfo``: a slow controller must not hang the CLI."""
 
+SETTLE_TIMEOUT_S = 60.0
+"""How long the CLI waits, after task 0 reported, for a SLURM job's other tasks to
+end before it cancels what is left: it never exits with a job of its own queued."""
+
 
 @dataclass
 class GeminiSlurmQueueConf(SlurmQueueConf):
@@ -275,8 +279,52 @@ class PerJobShape(stock.BaseSubmititLauncher):
                 submitted[i] = executor.submit(self, *job_args)
         # Task 0's return is the job's, as in the stock launcher.
         returns = [submitted[i].results()[0] for i in range(len(job_overrides))]
+        if self._EXECUTOR == "slurm":
+            settle(list(submitted.values()))
         report_failures(returns, initial_job_idx)
         return returns
+
+
+def settle(jobs: Sequence[Any], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until SLURM no longer lists ``jobs``; cancel those still listed after
+    ``timeout_s``.
+
+    submitit counts a job done once task 0's result is written, while its other
+    tasks (and srun's cleanup) may still be ending: after a refusal, that is
+    seconds. The CLI returns only once none of its jobs is queued or running.
+    """
+    ids = [str(job.job_id) for job in jobs]
+    deadline = time.monotonic() + timeout_s
+    while (left := slurm_listed(ids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        log.warning(f"SLURM job(s) {' '.join(left)} still running {timeout_s:.0f} s after "
+                    "task 0 ended: cancelling them")  # fmt: skip
+        subprocess.run(["scancel", *left], capture_output=True, timeout=30, check=False)
+
+
+def slurm_listed(ids: Sequence[str]) -> list[str]:
+    """Those of ``ids`` (``<job>`` or ``<array job>_<task>``) that ``squeue`` still lists;
+    none when squeue cannot answer (the CLI does not hang on a broken controller)."""
+    if not ids:
+        return []
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-j", ",".join(ids)],
+            capture_output=True,
+            text=True,
+            timeout=SINFO_TIMEOUT_S,
+            check=False,
+        )
+    except (subprocess.SubprocessError, OSError):
+        return []
+    # squeue exits non-zero ("Invalid job id") once every id has left its memory.
+    if out.returncode != 0:
+        return []
+    listed = {line.strip() for line in out.stdout.splitlines() if line.strip()}
+    # An array's still-pending tasks are listed together, as <array job>_[0-3].
+    pending = {line.split("_[")[0] for line in listed if "_[" in line}
+    return [i for i in ids if i in listed or i.split("_")[0] in pending]
 
 
 def report_failures(returns: Sequence[JobReturn], initial_job_idx: int) -> None:
