@@ -85,20 +85,34 @@ class ClusterConfig:
     """Beats a node may miss before the root agent declares it failed."""
     collective_timeout_s: float = 20.0
     """Process-group timeout: how long a survivor may block in a collective."""
+    hang_timeout_s: float = 10.0
+    """A rank whose trainer heartbeat stops for this long while its node's agent lives
+    is declared hung and handled as a crash (its agent kills it, then recovery); must be
+    > ``heartbeat_s``; 0 = off (a hang then surfaces only as its peers' collective
+    timeout). Half the collective timeout by default: short enough to beat it, long
+    enough that a host loaded well past its cores does not pass for a hang."""
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
     max_restarts: int = 20
     """Recoveries the root attempts before it gives up on the job (a crash loop)."""
     max_ranks_per_core: int = 4
     """Oversubscription this host accepts before refusing a layout."""
+    restart: str = "in_place"
+    """How a failed generation's surviving trainers come back: ``in_place`` (the same
+    process leaves the failed step, tears down its process group, waits for the plan
+    and rejoins the next generation: no interpreter start, no imports) or ``process``
+    (every trainer is replaced by a fresh process, for comparison). A trainer that
+    cannot restart in place is replaced by a fresh process either way."""
     warm_spares: bool = False
     """Keep one pre-started trainer per rank (torch imported, at idle priority), so a
     restart after a failure skips the interpreter start-up (~1.5 s instead of ~9 s
     here). Their one-time import competes with training on a host with few cores."""
-    standby_nodes: int = 0
-    """Spare nodes started with the job (``slurm``: extra tasks of the same SLURM job);
-    a failed node's index is taken over by one. With none left, a failed node is
-    restarted afresh where it ran, as the local cluster does."""
+    standby_nodes: int = 1
+    """Spare nodes started with the job, warm (agent up, trainer processes with
+    everything imported, idle) and waiting (``slurm``: extra tasks of the same SLURM
+    job). A failed node's index is taken over by one, and locally a new one is started
+    in its place. With none left, a failed node is restarted afresh where it ran.
+    Starting them is part of the job's start-up, before step 0."""
     host: str = "127.0.0.1"
     """Address the controller's KV store binds to (``slurm``: 0.0.0.0, dialled by the
     other tasks at task 0's host name)."""
@@ -160,13 +174,13 @@ class BackendConfig:
 class FailureConfig:
     name: str = "none"
     """Schedule: none, software_once, hardware_once, two_in_group, poisson, weibull,
-    correlated, kill_during_snapshot, corruption, root_loss."""
+    correlated, kill_during_snapshot, corruption, root_loss, hang_once."""
     at_step: int | None = None
     """Step at which a one-off failure fires (None = seeded-random in the middle half)."""
     node: int | None = None
     """Node hit by a one-off failure (None = seeded-random)."""
     rank_in_node: int = 0
-    """software failures: which local rank is killed."""
+    """software and hang failures: which local rank is hit."""
     mtbf_s: float = 600.0
     """poisson/weibull: mean time between failures, seconds."""
     weibull_shape: float = 0.7
@@ -278,6 +292,7 @@ LAUNCHERS = ("local", "slurm")
 PARALLELS = ("ddp", "zero")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 DEVICES = ("auto", "cpu", "cuda")
+RESTARTS = ("in_place", "process")
 THEN_KINDS = ("none", "software", "hardware", "kill_during_snapshot")
 """What ``failure.then`` may be: the kinds that hit a node of the restored job."""
 
@@ -352,13 +367,6 @@ def check_values(cfg: GeminiConfig) -> None:
     _at_least("cluster.threads_per_rank", c.threads_per_rank, 1, "must be >= 1")
     _at_least("cluster.missed_beats", c.missed_beats, 1, "must be >= 1")
     _at_least("cluster.standby_nodes", c.standby_nodes, 0, "must be >= 0")
-    if c.standby_nodes and c.launcher == "local":
-        raise ConfigError(
-            "cluster.standby_nodes",
-            c.standby_nodes,
-            "standby nodes are spare tasks of a SLURM job: use cluster=slurm, or "
-            "cluster.standby_nodes=0 locally",
-        )
     if not 0 <= c.store_port <= 65535:
         raise ConfigError(
             "cluster.store_port", c.store_port, "use a port in [1, 65535], or 0 for a free one"
@@ -368,7 +376,17 @@ def check_values(cfg: GeminiConfig) -> None:
         raise ConfigError("cluster.heartbeat_s", c.heartbeat_s, "must be > 0 seconds")
     if c.collective_timeout_s <= 0:
         raise ConfigError("cluster.collective_timeout_s", c.collective_timeout_s, "must be > 0")
+    if not math.isfinite(c.hang_timeout_s) or (
+        c.hang_timeout_s != 0 and c.hang_timeout_s <= c.heartbeat_s
+    ):
+        # At or below one beat, a live trainer would look hung between two beats.
+        raise ConfigError(
+            "cluster.hang_timeout_s",
+            c.hang_timeout_s,
+            f"must be > cluster.heartbeat_s={c.heartbeat_s} seconds, or 0 (off)",
+        )
     _choice("cluster.device", c.device, DEVICES)
+    _choice("cluster.restart", c.restart, RESTARTS)
     if c.launcher == "local":
         # On SLURM each task checks the machine it landed on (gemini.cluster.slurm).
         check_capacity(c)
@@ -504,7 +522,13 @@ def _refused() -> Iterator[None]:
 
 # Schedules whose events all hit one node at a step, as a kill during a
 # snapshot must be armed (the trainer, not the injector, fires it).
-_ONE_NODE_AT_A_STEP = ("kill_during_snapshot", "software_once", "hardware_once", "corruption")
+_ONE_NODE_AT_A_STEP = (
+    "kill_during_snapshot",
+    "software_once",
+    "hardware_once",
+    "corruption",
+    "hang_once",
+)
 
 
 def dry_run(cfg: GeminiConfig) -> None:
@@ -512,6 +536,7 @@ def dry_run(cfg: GeminiConfig) -> None:
     from gemini.checkpoint.cadence import cadence_for
     from gemini.checkpoint.placement import holders_of_all, resolve_placement
     from gemini.failures import schedule_for
+    from gemini.schedules import RANK_KINDS
 
     b, c, f = cfg.backend, cfg.cluster, cfg.failure
     with _refused():
@@ -520,7 +545,7 @@ def dry_run(cfg: GeminiConfig) -> None:
             r = b.replication
             holders_of_all(c.nodes, r.factor, resolve_placement(c.nodes, r.factor, r.placement))
         events = schedule_for(cfg)
-    if f.rank_in_node >= c.ranks_per_node and any(e.kind == "software" for e in events):
+    if f.rank_in_node >= c.ranks_per_node and any(e.kind in RANK_KINDS for e in events):
         raise ConfigError(
             "failure.rank_in_node",
             f.rank_in_node,
@@ -530,6 +555,13 @@ def dry_run(cfg: GeminiConfig) -> None:
     kinds = {e.kind for e in events}
     one_kind = f.name in _ONE_NODE_AT_A_STEP
     key, value = ("failure.name", f.name) if one_kind else ("failure.kind", f.kind)
+    if "hang" in kinds and c.hang_timeout_s == 0:
+        raise ConfigError(
+            key,
+            value,
+            "a hung trainer never exits, and cluster.hang_timeout_s=0 turns off the watchdog "
+            "that finds it: set cluster.hang_timeout_s > cluster.heartbeat_s, or another failure",
+        )
     if "corruption" in kinds:
         if b.name != "replicated" or b.replication.factor < 2:
             raise ConfigError(

@@ -8,6 +8,8 @@ replica a peer holds for it, so recovery has to notice and pick the next
 source. Each kill is an operation of the job's ``gemini.cluster.base.Cluster``:
 an order the target's own agent carries out (``gemini.cluster.orders``), so
 nothing here knows a PID or opens another node's memory.
+A *hang* stops one trainer rank (SIGSTOP): it neither exits nor progresses,
+and the root's watchdog must find it.
 *kill_during_snapshot* is armed in the trainer itself (only it knows when it
 is half-way through a copy) and it records its own injection.
 
@@ -22,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gemini.cluster import keys
-from gemini.schedules import FailureEvent, build_schedule
+from gemini.schedules import RANK_KINDS, FailureEvent, build_schedule
 
 if TYPE_CHECKING:
     from gemini.cluster.base import Cluster
@@ -155,9 +157,9 @@ class Injector:
         }
         rpn = self.job.cfg.cluster.ranks_per_node
         landed: float | None = None
-        if ev.kind == "software":
+        if ev.kind in RANK_KINDS:
             # Every node of the event loses its rank: a correlated or
-            # two-in-group software failure kills them all at once.
+            # two-in-group software failure (or hang) hits them all at once.
             gen = int(self.store.get_json_or(keys.GEN, 0))
             infos = [
                 self.store.get_json_or(keys.trainer(gen, n * rpn + ev.rank_in_node))
@@ -167,7 +169,10 @@ class Injector:
                 # A restart is under way and its trainers are not all up:
                 # the event must hit the next generation, not vanish.
                 return False
-            landed = self.cluster.kill_trainers(ev.nodes, [ev.rank_in_node], record)
+            if ev.kind == "hang":
+                landed = self.cluster.hang_trainers(ev.nodes, [ev.rank_in_node], record)
+            else:
+                landed = self.cluster.kill_trainers(ev.nodes, [ev.rank_in_node], record)
         elif ev.kind == "hardware":
             landed = self.cluster.kill_nodes(ev.nodes, record)
         elif ev.kind == "root_loss":

@@ -19,6 +19,7 @@ from gemini.lineage import Timeline
 PHASES = (
     "detect_s",
     "teardown_s",
+    "takeover_s",
     "restart_s",
     "rendezvous_s",
     "alloc_s",
@@ -27,6 +28,12 @@ PHASES = (
     "replay_s",
 )
 """The phases of one recovery, in order: they add up to ``recovery_s``.
+
+``takeover_s`` is the wait for lost nodes' replacements to come up (a standby
+node taking the index over, or a fresh node when none is left); ``restart_s``
+what is left until the last rank enters the rendezvous: trainer processes
+handed the new generation (in place, a warm spare or a standby's) or started
+afresh.
 
 The one list of phases: the MLflow metrics, the results table, the timeline
 figure and the benchmarks all take it from here. ``alloc_s`` is the backend
@@ -54,9 +61,12 @@ checkpoint, and is ready (restored and warmed up) at ``t``."""
 
 
 def restart_phases(
-    t_torn: float, readies: Mapping[int, Mapping[str, Any]], alloc_before_s: float = 0.0
+    t_torn: float,
+    readies: Mapping[int, Mapping[str, Any]],
+    alloc_before_s: float = 0.0,
+    takeover_s: float = 0.0,
 ) -> dict[str, float]:
-    """``restart_s``, ``rendezvous_s``, ``alloc_s``, ``retrieve_s``, ``load_s``.
+    """``takeover_s``, ``restart_s``, ``rendezvous_s``, ``alloc_s``, ``retrieve_s``, ``load_s``.
 
     The ranks restart together but not in step: one that retrieved from local
     memory waits in the first collective for one still fetching from a peer.
@@ -71,10 +81,12 @@ def restart_phases(
 
     ``alloc_before_s`` is allocation the root waited for before launching the
     generation (a replaced node's agent creating and touching its slots);
-    it is moved from ``restart_s`` to ``alloc_s``.
+    it is moved from ``restart_s`` to ``alloc_s``; ``takeover_s``, the wait for
+    replacement nodes before that, is moved from ``restart_s`` to its own phase.
     """
     if not readies:
         return {
+            "takeover_s": 0.0,
             "restart_s": 0.0,
             "rendezvous_s": 0.0,
             "alloc_s": 0.0,
@@ -93,8 +105,12 @@ def restart_phases(
     b_retr_end = max(b_retr, last("t_retrieve_end"))
     b_ready = max(b_retr_end, last("t"))
     before = min(max(0.0, alloc_before_s), b_rdzv - t_torn)
+    takeover = min(max(0.0, takeover_s), b_rdzv - t_torn - before)
     return {
-        "restart_s": (b_rdzv - t_torn - before) + (b_alloc - b_rdzv_end) + (b_retr - b_alloc_end),
+        "takeover_s": takeover,
+        "restart_s": (b_rdzv - t_torn - before - takeover)
+        + (b_alloc - b_rdzv_end)
+        + (b_retr - b_alloc_end),
         "rendezvous_s": b_rdzv_end - b_rdzv,
         "alloc_s": before + (b_alloc_end - b_alloc),
         "retrieve_s": b_retr_end - b_retr,

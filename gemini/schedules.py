@@ -17,6 +17,9 @@ The failure kinds follow Gemini (Wang et al., SOSP 2023, §2.1, §5):
 * ``kill_during_snapshot`` — a failure while a checkpoint is being written;
   the two-slot design must keep the previous complete one intact.
 * ``root_loss`` — the root agent dies; the workers elect a new one.
+* ``hang`` — a trainer process stops (SIGSTOP) without exiting: nothing
+  reports an exit, so only its stalled progress heartbeat gives it away;
+  recovery is then that of a software failure.
 
 Random arrivals model the field studies behind the paper's Fig. 15:
 ``poisson`` (memoryless, exponential inter-arrivals) and ``weibull`` (shape
@@ -36,7 +39,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-FAILURE_KINDS = ("software", "hardware", "corruption", "kill_during_snapshot", "root_loss")
+FAILURE_KINDS = (
+    "software",
+    "hardware",
+    "corruption",
+    "kill_during_snapshot",
+    "root_loss",
+    "hang",
+)
+
+RANK_KINDS = ("software", "hang")
+"""Kinds that hit one local rank of a node (``rank_in_node``), not the whole node."""
 
 SCHEDULES = (
     "none",
@@ -49,6 +62,7 @@ SCHEDULES = (
     "kill_during_snapshot",
     "corruption",
     "root_loss",
+    "hang_once",
 )
 
 # One event on one node at one step; the schedule's name is the event's kind.
@@ -58,6 +72,7 @@ _ONCE = {
     "kill_during_snapshot": "kill_during_snapshot",
     "corruption": "corruption",
     "root_loss": "root_loss",
+    "hang_once": "hang",
 }
 
 
@@ -87,7 +102,7 @@ class FailureEvent:
     at_time_s: float | None
     """Fire this many seconds after training starts, or None."""
     rank_in_node: int = 0
-    """software failures: the local rank that is killed."""
+    """software and hang failures: the local rank that is hit."""
     after_recovery: bool = False
     """Fire only once the event before it has been recovered from; ``at_step``
     then counts the steps trained after the step that recovery restored."""
@@ -155,7 +170,7 @@ class FailureEvent:
             where = f"on node {self.nodes[0]}"
         else:
             where = "on nodes " + ", ".join(str(n) for n in self.nodes)
-        if self.kind == "software":
+        if self.kind in RANK_KINDS:
             where += f" (local rank {self.rank_in_node})"
         when = (
             f"at step {self.at_step}" if self.at_step is not None else f"at {self.at_time_s:.1f} s"
@@ -368,9 +383,9 @@ def base_schedule(
         raise ScheduleError("failure.rank_in_node", rank_in_node, "must be an integer >= 0")
 
     rng = random.Random(seed)
-    # Only a software failure kills one chosen rank; the other kinds take the
-    # whole node (or a stored checkpoint), so the rank is left at 0.
-    rank = rank_in_node if kind == "software" else 0
+    # Only a software failure or a hang hits one chosen rank; the other kinds
+    # take the whole node (or a stored checkpoint), so the rank is left at 0.
+    rank = rank_in_node if kind in RANK_KINDS else 0
 
     if name == "none":
         return []
@@ -381,7 +396,7 @@ def base_schedule(
         step = _pick_step(rng, steps, at_step)
         if once_kind == "root_loss":
             return [FailureEvent(once_kind, (), step, None)]
-        once_rank = rank_in_node if once_kind == "software" else 0
+        once_rank = rank_in_node if once_kind in RANK_KINDS else 0
         return [FailureEvent(once_kind, (_pick_node(rng, nodes, node),), step, None, once_rank)]
 
     if name == "correlated":

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import STORE_SECRET
 from omegaconf import OmegaConf
@@ -114,6 +115,38 @@ def test_killing_trainers_is_carried_out_by_their_own_agent(
     # The record is stamped by the agent when the kill landed, and only once.
     injected = [rec for _, rec in signed_store.items(keys.INJECT)]
     assert injected == [{**record, "t": t}]
+
+
+def test_hanging_trainers_stops_them_alive_and_a_stop_of_the_generation_still_ends_them(
+    signed_store: Store, sleepers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    job = job_for(signed_store, tmp_path)
+    cluster: Cluster = LocalCluster(job, signed_store)
+    agent = WorkerAgent(job, 1)
+    agent.gen = 1
+    agent.trainers = {2: sleepers[2], 3: sleepers[3]}  # node 1's ranks
+    signed_store.set_json(keys.GEN, 1)
+    record = {"id": 0, "kind": "hang", "what": "test"}
+    t = obey_while(agent, lambda: cluster.hang_trainers([1], [1], record))
+    hung = psutil.Process(sleepers[3].pid)
+    deadline = time.monotonic() + 5
+    while hung.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hung.status() == psutil.STATUS_STOPPED, "the named trainer was not stopped"
+    assert psutil.Process(sleepers[2].pid).status() != psutil.STATUS_STOPPED
+    assert [p.poll() for p in sleepers] == [None] * 4, "a hang must kill nothing"
+    # Alive and stopped: its agent has no exit to report.
+    agent.poll_trainers()
+    assert not signed_store.exists(keys.exited(1, 3))
+    injected = [rec for _, rec in signed_store.items(keys.INJECT)]
+    assert injected == [{**record, "t": t}]
+    # A stop of the generation (SIGTERM, then SIGKILL after the grace) ends the
+    # stopped trainer within the grace: a pending SIGTERM alone would wait for it.
+    t0 = time.monotonic()
+    agent.stop_trainers()
+    assert time.monotonic() - t0 < 1.5, "the stopped trainer outlived the SIGTERM"
+    assert sleepers[3].poll() is not None and sleepers[2].poll() is not None
+    assert signed_store.exists(keys.exited(1, 3))
 
 
 def test_an_order_for_a_past_generation_kills_nothing(

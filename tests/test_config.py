@@ -203,6 +203,11 @@ def _follow_up(then: str, **failure: object) -> Callable[[GeminiConfig], None]:
     return apply
 
 
+def _hang_unwatched(c: GeminiConfig) -> None:
+    c.failure.name = "hang_once"
+    c.cluster.hang_timeout_s = 0.0
+
+
 def _persist_in_seconds_and_steps(c: GeminiConfig) -> None:
     c.backend.name = "replicated"
     c.backend.persist_every_s = 5.0
@@ -226,6 +231,12 @@ REFUSALS: list[tuple[str, str, Callable[[GeminiConfig], None]]] = [
         "cluster.collective_timeout_s",
         _set("cluster.collective_timeout_s", 0.0),
     ),
+    (
+        "hang watchdog within one beat",
+        "cluster.hang_timeout_s",
+        _set("cluster.hang_timeout_s", 0.25),
+    ),
+    ("hang watchdog off for a hang", "failure.name", _hang_unwatched),
     ("unknown device", "cluster.device", _set("cluster.device", "tpu")),
     ("unknown launcher", "cluster.launcher", _set("cluster.launcher", "carrier-pigeon")),
     ("unknown parallelism", "train.parallel", _set("train.parallel", "pipeline")),

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import STORE_SECRET
 from omegaconf import OmegaConf
@@ -201,3 +202,22 @@ def test_a_failure_that_would_inject_nothing_or_crash_loop_is_refused(
         validate(cfg)
     assert info.value.key == key
     assert "\n" not in str(info.value) and info.value.fix
+
+
+def test_a_hang_stops_the_chosen_trainer_and_kills_nothing(
+    store: Store, trainers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    cfg = config(name="hang_once", node=2, at_step=5)
+    validate(cfg)
+    injector = injector_for(cfg, store, tmp_path)
+    announce(store, trainers, step=5)
+    with agents_serving(injector, trainers):
+        injector.tick()
+    assert [(f["kind"], f["nodes"]) for f in injector.fired] == [("hang", [2])]
+    assert "unacknowledged" not in injector.fired[0]
+    hung = psutil.Process(trainers[2].pid)
+    deadline = time.monotonic() + 5  # a signal lands when the target is next scheduled
+    while hung.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hung.status() == psutil.STATUS_STOPPED
+    assert [p.poll() for p in trainers] == [None] * 4, "a hang kills nothing"

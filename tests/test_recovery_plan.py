@@ -343,7 +343,14 @@ def test_restart_phases_follow_the_slowest_rank_and_add_up() -> None:
     }
     ph = restart_phases(9.0, readies)
     assert ph == pytest.approx(
-        {"restart_s": 2.0, "rendezvous_s": 0.8, "alloc_s": 0.0, "retrieve_s": 1.0, "load_s": 0.2}
+        {
+            "takeover_s": 0.0,
+            "restart_s": 2.0,
+            "rendezvous_s": 0.8,
+            "alloc_s": 0.0,
+            "retrieve_s": 1.0,
+            "load_s": 0.2,
+        }
     )
     assert sum(ph.values()) == pytest.approx(13.0 - 9.0)
     assert set(MILESTONES) == set(readies[0]) | {"t_alloc_start", "t_alloc_end"}
@@ -361,21 +368,40 @@ def test_alloc_is_its_own_phase_cut_from_the_restart() -> None:
     ph = restart_phases(8.0, readies, alloc_before_s=0.7)
     # restart: 8.0 -> 10.2 less the 0.7 s of allocation, + 11.0 -> 11.2, + 11.6 -> 11.7
     assert ph == pytest.approx(
-        {"restart_s": 1.8, "rendezvous_s": 0.8, "alloc_s": 1.1, "retrieve_s": 0.2, "load_s": 0.1}
+        {
+            "takeover_s": 0.0,
+            "restart_s": 1.8,
+            "rendezvous_s": 0.8,
+            "alloc_s": 1.1,
+            "retrieve_s": 0.2,
+            "load_s": 0.1,
+        }
     )
     assert sum(ph.values()) == pytest.approx(12.0 - 8.0)
     assert set(PHASES) >= set(ph)
     # The root's wait can never be longer than the span it is cut from.
     assert restart_phases(8.0, readies, alloc_before_s=99.0)["restart_s"] == pytest.approx(0.3)
+    # A standby's takeover the root waited 0.5 s for is cut from the restart too.
+    took = restart_phases(8.0, readies, alloc_before_s=0.7, takeover_s=0.5)
+    assert (took["takeover_s"], took["restart_s"]) == pytest.approx((0.5, 1.3))
+    assert sum(took.values()) == pytest.approx(12.0 - 8.0)
 
 
 def test_restart_phases_of_a_restart_from_scratch_have_no_retrieval() -> None:
     readies = {0: {"t_rdzv_start": 5.0, "t_rdzv_end": 5.5, "t": 7.0}}
     ph = restart_phases(4.0, readies)
     assert ph == pytest.approx(
-        {"restart_s": 2.5, "rendezvous_s": 0.5, "alloc_s": 0.0, "retrieve_s": 0.0, "load_s": 0.0}
+        {
+            "takeover_s": 0.0,
+            "restart_s": 2.5,
+            "rendezvous_s": 0.5,
+            "alloc_s": 0.0,
+            "retrieve_s": 0.0,
+            "load_s": 0.0,
+        }
     )
     assert restart_phases(4.0, {}) == {
+        "takeover_s": 0.0,
         "restart_s": 0.0,
         "rendezvous_s": 0.0,
         "alloc_s": 0.0,

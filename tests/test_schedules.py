@@ -75,6 +75,7 @@ def test_none_is_empty() -> None:
         ("hardware_once", "hardware"),
         ("kill_during_snapshot", "kill_during_snapshot"),
         ("corruption", "corruption"),
+        ("hang_once", "hang"),
     ],
 )
 def test_one_off_schedules_hit_one_node_at_one_step(name: str, kind: str) -> None:
@@ -151,6 +152,12 @@ def test_software_failure_kills_the_chosen_local_rank_only() -> None:
     (sw,) = build("software_once", rank_in_node=3)
     (hw,) = build("hardware_once", rank_in_node=3)
     assert sw.rank_in_node == 3 and hw.rank_in_node == 0
+
+
+def test_a_hang_stops_the_chosen_local_rank_only() -> None:
+    (event,) = build("hang_once", rank_in_node=1, at_step=7, node=0)
+    assert event == FailureEvent("hang", (0,), 7, None, 1)
+    assert event.describe() == "hang on node 0 (local rank 1) at step 7"
 
 
 def test_correlated_hits_k_consecutive_nodes_at_once() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,11 @@ from gemini.cluster.store import Store
 # A spare's exit status when this host cannot return it from idle priority
 # (kept in step with gemini.workload.trainer, which imports torch).
 SPARE_UNSUPPORTED = 75
+
+# How long a stopped generation's trainers have to leave it alive (restart in
+# place) before the agent ends them: leaving takes a broken collective to
+# raise (about a second with gloo) and a process-group teardown.
+PARK_GRACE_S = 5.0
 
 # How long a newly elected root may stay silent: an interpreter and torch
 # start-up on a loaded host.
@@ -66,7 +72,9 @@ class Heartbeat:
 
 
 class WorkerAgent:
-    def __init__(self, job: JobSpec, node: int) -> None:
+    def __init__(
+        self, job: JobSpec, node: int, pool: list[subprocess.Popen[bytes]] | None = None
+    ) -> None:
         self.job, self.node = job, node
         self.cfg = job.cfg
         self.store = Store.for_job(job)
@@ -86,8 +94,20 @@ class WorkerAgent:
         self.peer_hb: dict[int, tuple[int, float]] = {}
         self.root_proc: subprocess.Popen[bytes] | None = None
         self.spares: dict[int, subprocess.Popen[bytes]] = {}
+        self.spare_how = "spare"
+        self.started = self.generation() > 0
+        """Whether the job's first generation was launched (by any agent of this node)."""
+        if pool:
+            # A standby node's pre-started trainers: the ranks it takes over.
+            self.spares = dict(zip(self.ranks, pool, strict=False))
+            self.spare_how = "standby"
         self.launched_at = time.monotonic()
         self.use_spares = self.cfg.cluster.warm_spares
+        self.in_place = self.cfg.cluster.restart == "in_place"
+        self.parked: dict[int, subprocess.Popen[bytes]] = {}
+        """Trainers that left a failed generation alive, by rank: the next one's."""
+        self.parks_seen = 0
+        self.stop_seen: float | None = None
         self.inbox = Inbox(self.store, keys.node_orders(node))
 
     def start_services(self) -> dict[str, Any]:
@@ -119,7 +139,7 @@ class WorkerAgent:
                     self.stop_trainers()
                     self.launch(g)
                 elif self.trainers and self.store.exists(keys.stop(self.gen)):
-                    self.stop_trainers()
+                    self.on_stop()
                 self.poll_trainers()
                 if self.services is not None:
                     self.services.tick()
@@ -132,6 +152,7 @@ class WorkerAgent:
         finally:
             self.close_spares()
             self.stop_trainers()
+            self.close_parked()
             if self.root_proc is not None and self.root_proc.poll() is None:
                 # The elected root finishes the job's bookkeeping on its own.
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -157,41 +178,89 @@ class WorkerAgent:
         ]
 
     def launch(self, gen: int) -> None:
-        """Start generation ``gen``'s ranks, on warm spares where there are some."""
+        """Start generation ``gen``'s ranks: on the processes that left the previous
+        generation alive (restart in place), then on warm spares, then fresh ones."""
         self.gen = gen
         self.reported = set()
+        self.stop_seen = None
         self.launched_at = time.monotonic()
+        # The first generation starts its own processes: the warm spares are kept
+        # for a restart, not spent on a start whose refill would then compete
+        # with the first steps.
+        pools = [(self.parked, "in_place")]
+        if self.started:
+            pools.append((self.spares, self.spare_how))
+        self.started = True
         for local, rank in enumerate(self.ranks):
-            spare = self.spares.pop(rank, None)
-            if spare is not None and spare.poll() is None and spare.stdin is not None:
-                try:
-                    spare.stdin.write(f"{gen}\n".encode())
-                    spare.stdin.close()
-                    self.trainers[rank] = spare
-                    continue
-                except OSError:
-                    pass
-            log = self.log_dir / f"rank{rank}.log"
-            args = [*self.trainer_args(local, rank), "--gen", str(gen)]
-            self.trainers[rank] = spawn_module("gemini.workload.trainer", args, log_path=log)
+            for pool, how in pools:
+                proc = pool.pop(rank, None)
+                if proc is not None and self.hand_over(proc, gen, local, rank, how):
+                    self.trainers[rank] = proc
+                    break
+            else:
+                log = self.log_dir / f"rank{rank}.log"
+                args = [*self.trainer_args(local, rank), "--gen", str(gen)]
+                self.trainers[rank] = spawn_module(
+                    "gemini.workload.trainer", args, log_path=log, stdin_pipe=self.in_place
+                )
+        self.spare_how = "spare"
+        # Parked trainers of ranks this node no longer runs have nothing to wait for.
+        self.close_parked()
+
+    def hand_over(
+        self, proc: subprocess.Popen[bytes], gen: int, local: int, rank: int, how: str
+    ) -> bool:
+        """Give a waiting trainer process generation ``gen`` as ``rank``; False if it is gone."""
+        if proc.poll() is not None or proc.stdin is None:
+            return False
+        msg = {"gen": gen, "node": self.node, "rank": rank, "local_rank": local, "how": how}
+        try:
+            proc.stdin.write((json.dumps(msg) + "\n").encode())
+            proc.stdin.flush()
+        except OSError:
+            return False
+        return True
+
+    def on_stop(self) -> None:
+        """The root stopped the generation: with ``restart=in_place`` its trainers
+        leave it by themselves and park; those that have not within
+        :data:`PARK_GRACE_S` (blocked for good, or failing to tear down) are ended,
+        and the next generation gets fresh processes for them."""
+        if not self.in_place:
+            self.stop_trainers()
+            return
+        now = time.monotonic()
+        if self.stop_seen is None:
+            self.stop_seen = now
+        elif now - self.stop_seen > PARK_GRACE_S:
+            self.stop_trainers()
 
     def keep_spares(self) -> None:
-        """One warm spare per local rank, started once a generation is under way.
+        """One warm spare per local rank: started with the agent (the root waits for
+        them before generation 1, so their start-up is the job's), and refilled
+        once a generation is under way after one was used.
 
-        Waiting a few seconds keeps the spares' imports off the critical path of
-        the generation's own start-up on a machine with few cores.
+        Waiting a few seconds into a generation keeps a refill's imports off the
+        critical path of the generation's own start-up on a machine with few cores.
         """
-        if self.gen == 0 or time.monotonic() - self.launched_at < 5.0:
+        refill = self.gen > 0
+        if refill and time.monotonic() - self.launched_at < 5.0:
             return
         for local, rank in enumerate(self.ranks):
             spare = self.spares.get(rank)
             if spare is not None and spare.poll() == SPARE_UNSUPPORTED:
-                self.use_spares = False  # this host cannot run idle-priority spares
+                # This host cannot run idle-priority spares: none will come, and
+                # the root must not wait for them.
+                self.use_spares = False
+                for i in range(len(self.ranks)):
+                    self.store.set_json(keys.spare_warm(self.node, i), {"unsupported": True})
                 return
             if spare is None or spare.poll() is not None:
+                args = [*self.trainer_args(local, rank), "--standby"]
+                args += ["--announce", keys.spare_warm(self.node, local)]
                 self.spares[rank] = spawn_module(
                     "gemini.workload.trainer",
-                    [*self.trainer_args(local, rank), "--standby"],
+                    args,
                     log_path=self.log_dir / f"rank{rank}.log",
                     stdin_pipe=True,
                 )
@@ -202,7 +271,26 @@ class WorkerAgent:
                 terminate_tree(spare.pid, grace_s=1.0)
         self.spares = {}
 
+    def close_parked(self) -> None:
+        """End parked trainers: a closed stdin tells them they are not needed."""
+        for proc in self.parked.values():
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        for proc in self.parked.values():
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                terminate_tree(proc.pid, grace_s=1.0)
+        self.parked = {}
+
     def poll_trainers(self) -> None:
+        """Report every trainer of the generation that exited or parked."""
+        if self.in_place and self.trainers:
+            parks = self.store.counter(keys.parks(self.node))
+            if parks != self.parks_seen:
+                self.parks_seen = parks
+                self.collect_parked()
         for rank, proc in list(self.trainers.items()):
             code = proc.poll()
             if code is not None and rank not in self.reported:
@@ -210,6 +298,29 @@ class WorkerAgent:
                 self.store.set_json(
                     keys.exited(self.gen, rank), {"code": code, "node": self.node, "t": time.time()}
                 )
+
+    def collect_parked(self) -> None:
+        """Trainers that left the generation alive: reported as exited (with the code
+        the trainer gave) and kept for the next generation."""
+        for rank, proc in list(self.trainers.items()):
+            if rank in self.reported or proc.poll() is not None:
+                continue
+            rec = self.store.get_json_or(keys.parked(self.gen, rank))
+            if rec is None:
+                continue
+            self.reported.add(rank)
+            del self.trainers[rank]
+            self.parked[rank] = proc
+            self.store.set_json(
+                keys.exited(self.gen, rank),
+                {
+                    "code": int(rec["code"]),
+                    "node": self.node,
+                    "t": float(rec["t"]),
+                    "parked": True,
+                    "teardown_s": float(rec.get("teardown_s", 0.0)),
+                },
+            )
 
     def stop_trainers(self) -> None:
         for proc in self.trainers.values():
@@ -222,22 +333,14 @@ class WorkerAgent:
     def obey_orders(self) -> None:
         for n, order in self.inbox.pending():
             op = order.get("op")
-            if op == "kill_trainers":
-                # Only the generation the order saw: a restart since then has
-                # other trainers, which the failure never aimed at.
-                same_gen = int(order.get("gen", -1)) == self.gen
-                procs = [
-                    self.trainers.get(self.ranks[i])
-                    for i in order.get("ranks", [])
-                    if same_gen and 0 <= int(i) < len(self.ranks)
-                ]
+            if op in ("kill_trainers", "hang_trainers"):
+                sig = signal.SIGKILL if op == "kill_trainers" else signal.SIGSTOP
                 t = self.inbox.record_injection(order)
-                killed = []
-                for proc in procs:
-                    if proc is not None and proc.poll() is None:
-                        proc.kill()
-                        killed.append(proc.pid)
-                self.inbox.ack(n, t=t, killed=killed)
+                hit = self.signal_trainers(order, sig)
+                if op == "kill_trainers":
+                    self.inbox.ack(n, t=t, killed=hit)
+                else:
+                    self.inbox.ack(n, t=t, stopped=hit)
             elif op == "kill_node":
                 t = self.inbox.record_injection(order)
                 self.inbox.ack(n, t=t)
@@ -249,6 +352,25 @@ class WorkerAgent:
                 self.inbox.ack(n, result=result)
             else:
                 self.inbox.ack(n, error=f"unknown order {op!r}")
+
+    def signal_trainers(self, order: dict[str, Any], sig: int) -> list[int]:
+        """Send ``sig`` to the order's trainers that are running; returns their PIDs."""
+        # Only the generation the order saw: a restart since then has other
+        # trainers, which the failure never aimed at.
+        same_gen = int(order.get("gen", -1)) == self.gen
+        procs = [
+            self.trainers.get(self.ranks[i])
+            for i in order.get("ranks", [])
+            if same_gen and 0 <= int(i) < len(self.ranks)
+        ]
+        hit = []
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                # A stopped process still takes SIGKILL, so the root's kill of
+                # a hung trainer lands the same way as an injected one.
+                proc.send_signal(sig)
+                hit.append(proc.pid)
+        return hit
 
     def die(self) -> None:
         """A hardware failure of this node: everything below this agent dies at
@@ -328,12 +450,96 @@ class WorkerAgent:
         self._stopping = True
 
 
+class StandbyNode:
+    """A node started with the job but given no index yet (``cluster.standby_nodes``).
+
+    Its trainer processes import everything at once and wait; the agent waits
+    for the launcher to assign it a failed node's index
+    (``standby/{k}/takeover``), then becomes that node's agent and its waiting
+    trainers the node's ranks, so a takeover pays no interpreter start.
+    """
+
+    def __init__(self, job: JobSpec, k: int) -> None:
+        self.job, self.k = job, k
+        self.store = Store.for_job(job)
+        self.pool: list[subprocess.Popen[bytes]] = []
+        self._stopping = False
+
+    def start_pool(self) -> None:
+        log_dir = Path(self.job.job_dir) / "logs"
+        for local in range(self.job.cfg.cluster.ranks_per_node):
+            args = ["--job", str(Path(self.job.job_dir) / "job.json"), "--node", "-1"]
+            args += ["--rank", "-1", "--local-rank", str(local), "--standby"]
+            args += ["--announce", keys.standby_warm(self.k, local)]
+            self.pool.append(
+                spawn_module(
+                    "gemini.workload.trainer",
+                    args,
+                    log_path=log_dir / f"standby{self.k}-trainer{local}.log",
+                    stdin_pipe=True,
+                )
+            )
+
+    def wait(self) -> int | None:
+        """Stand by until a takeover names a node (returned), or the job ends (None)."""
+        hb = Heartbeat(self.job, f"standby{self.k}", self.job.cfg.cluster.heartbeat_s).start()
+        info = {"pid": os.getpid(), "standby": self.k, "warm": False, "t": time.time()}
+        self.store.set_json(keys.standby(self.k), info)
+        self.start_pool()
+        try:
+            while not self._stopping:
+                if self.store.exists(keys.DONE) or self.store.exists(keys.ABORT):
+                    return None
+                order = self.store.get_json_or(keys.standby_takeover(self.k))
+                if order is not None:
+                    return int(order["node"])
+                if not info["warm"] and all(
+                    self.store.exists(keys.standby_warm(self.k, i)) for i in range(len(self.pool))
+                ):
+                    info.update(warm=True, t_warm=time.time())
+                    self.store.set_json(keys.standby(self.k), info)
+                time.sleep(0.1)
+            return None
+        finally:
+            hb.stop()
+
+    def close(self) -> None:
+        for proc in self.pool:
+            if proc.poll() is None:
+                terminate_tree(proc.pid, grace_s=1.0)
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping = True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--job", required=True)
-    p.add_argument("--node", type=int, required=True)
+    node_or_standby = p.add_mutually_exclusive_group(required=True)
+    node_or_standby.add_argument("--node", type=int)
+    node_or_standby.add_argument("--standby", type=int, help="start as standby node k")
     a = p.parse_args(argv)
-    agent = WorkerAgent(JobSpec.load(a.job), a.node)
+    job = JobSpec.load(a.job)
+    pool: list[subprocess.Popen[bytes]] = []
+    node = a.node
+    if a.standby is not None:
+        standby = StandbyNode(job, a.standby)
+        signal.signal(signal.SIGTERM, standby.request_stop)
+        signal.signal(signal.SIGINT, standby.request_stop)
+        try:
+            node = standby.wait()
+        except KeyboardInterrupt:
+            node = None
+        if node is None:
+            standby.close()
+            return 0
+        pool = standby.pool
+        print(f"standby {a.standby}: taking over node {node}", flush=True)
+        # Whatever a previous holder of the index left in this machine's memory.
+        from gemini.checkpoint.slot import unlink_prefix
+
+        unlink_prefix(f"gemini-{job.run_id}-n{node}-")
+    agent = WorkerAgent(job, node, pool)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     with contextlib.suppress(KeyboardInterrupt):

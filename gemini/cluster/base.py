@@ -66,6 +66,14 @@ class Cluster(Protocol):
         """
         ...
 
+    def hang_trainers(
+        self, nodes: Sequence[int], ranks: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        """A hang: as :meth:`kill_trainers`, but the trainers are stopped (SIGSTOP),
+        not killed. They stay alive and never exit, so no exit is reported: the
+        root finds them by their stalled heartbeats (``cluster.hang_timeout_s``)."""
+        ...
+
     def kill_nodes(
         self, nodes: Sequence[int], inject: dict[str, Any] | None = None
     ) -> float | None:
@@ -146,6 +154,12 @@ class ClusterBase:
         # current generation's are the ones a failure now would hit.
         gen = int(self.store.get_json_or(keys.GEN, 0))
         return self._order(nodes, {"op": "kill_trainers", "ranks": list(ranks), "gen": gen}, inject)
+
+    def hang_trainers(
+        self, nodes: Sequence[int], ranks: Sequence[int], inject: dict[str, Any] | None = None
+    ) -> float | None:
+        gen = int(self.store.get_json_or(keys.GEN, 0))
+        return self._order(nodes, {"op": "hang_trainers", "ranks": list(ranks), "gen": gen}, inject)
 
     def kill_nodes(
         self, nodes: Sequence[int], inject: dict[str, Any] | None = None

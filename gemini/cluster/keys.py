@@ -50,12 +50,17 @@ HB_ROOT = "hb/root"
 
 
 def hb(name: str) -> str:
-    """Heartbeat counter of ``node{i}`` or ``root``."""
+    """Heartbeat counter of ``node{i}``, ``rank{r}`` or ``root``."""
     return f"hb/{name}"
 
 
 def hb_node(node: int) -> str:
     return hb(f"node{node}")
+
+
+def hb_rank(rank: int) -> str:
+    """Progress heartbeat of rank ``rank``'s trainer (the hang watchdog's)."""
+    return hb(f"rank{rank}")
 
 
 # -- worker agents ----------------------------------------------------------------
@@ -69,6 +74,27 @@ def agent_incarnation(node: int) -> str:
 
 def launcher(node: int) -> str:
     return f"launcher/node{node}"
+
+
+# -- standby nodes ------------------------------------------------------------------
+def standby(k: int) -> str:
+    """Standby node ``k`` is up: its agent's pid, and ``warm`` once its trainers are."""
+    return f"standby/{k}"
+
+
+def standby_warm(k: int, local: int) -> str:
+    """Trainer ``local`` of standby ``k`` has imported everything and waits."""
+    return f"standby/{k}/warm/{local}"
+
+
+def spare_warm(node: int, local: int) -> str:
+    """Node ``node``'s warm spare for local rank ``local`` has imported everything."""
+    return f"spare/node{node}/{local}"
+
+
+def standby_takeover(k: int) -> str:
+    """Standby ``k`` is to become a node (the launcher's assignment)."""
+    return f"standby/{k}/takeover"
 
 
 # -- control --------------------------------------------------------------------
@@ -96,6 +122,16 @@ def exited(gen: int, rank: int) -> str:
 
 def ready(gen: int, rank: int) -> str:
     return f"ready/{gen}/{rank}"
+
+
+def parked(gen: int, rank: int) -> str:
+    """Rank ``rank`` left generation ``gen`` alive, waiting to restart in place."""
+    return f"parked/{gen}/{rank}"
+
+
+def parks(node: int) -> str:
+    """Counter: trainers of node ``node`` that parked (its agent reads ``parked`` on a change)."""
+    return f"parked/node{node}/n"
 
 
 def final(gen: int, rank: int) -> str:
@@ -229,10 +265,43 @@ TABLE: tuple[Key, ...] = (
         f"{_R}, {_A}",
         "heartbeat counter of node i, compared against the reader's own clock",
     ),
+    Key(
+        "hb/rank{r}",
+        False,
+        _T,
+        _R,
+        "heartbeat counter of rank r's trainer (any generation); stalled while its node lives "
+        "= hung",
+    ),
     Key("hb/root", False, _R, f"{_A}, {_C}", "heartbeat counter of the root agent"),
     Key("agent/node{i}", True, _A, f"{_R}, {_T}", "JSON: pid, transport address, incarnation"),
     Key("agent/node{i}/incarnation", False, _A, _A, "counter: starts of node i's agent"),
     Key("launcher/node{i}", True, _C, "-", "JSON: pid of node i's launcher (for inspection)"),
+    Key(
+        "hb/standby{k}", False, _A, _C, "heartbeat counter of standby node k (until it takes over)"
+    ),
+    Key(
+        "standby/{k}",
+        True,
+        _A,
+        f"{_R}, {_C}",
+        "JSON: standby node k is up (pid; warm once its trainers are)",
+    ),
+    Key(
+        "standby/{k}/warm/{j}",
+        True,
+        _T,
+        _A,
+        "JSON: trainer j of standby k imported everything (pid)",
+    ),
+    Key(
+        "spare/node{i}/{j}",
+        True,
+        f"{_T}, {_A}",
+        _R,
+        "JSON: node i's warm spare for local rank j is ready (pid), or cannot exist here",
+    ),
+    Key("standby/{k}/takeover", True, _C, _A, "JSON: standby k is to become node i (its index)"),
     Key("ctl/gen", True, _R, f"{_A}, {_C}, {_R}", "JSON int: the current generation"),
     Key("ctl/plan/{g}", True, _R, f"{_T}, {_A}", "JSON: start step, restore source per rank"),
     Key("ctl/stop/{g}", True, _R, _A, "flag: stop generation g's trainers"),
@@ -253,6 +322,14 @@ TABLE: tuple[Key, ...] = (
         f"{_R}, {_C}",
         "JSON: restore milestones and timings of rank r in generation g",
     ),
+    Key(
+        "parked/{g}/{r}",
+        True,
+        _T,
+        _A,
+        "JSON: rank r left generation g alive (why, teardown time) and awaits the next",
+    ),
+    Key("parked/node{i}/n", False, _T, _A, "counter: parks of node i's trainers"),
     Key("final/{g}/{r}", True, _T, f"{_R}, {_C}", "JSON: final digest and step of rank r"),
     Key("progress/{r}", True, _T, f"{_R}, {_C}", "last completed step of rank r"),
     Key("metrics/{r}", True, _T, _C, "per-step JSON records, one signed line each (appended)"),
@@ -270,16 +347,22 @@ TABLE: tuple[Key, ...] = (
     ),
     Key("inject/arm/{r}", True, _C, _T, "JSON: kill rank r midway through the snapshot of a step"),
     Key("inject/fired/{id}", True, _T, _T, "flag: the armed failure id has fired"),
-    Key("order/node{i}/n", False, _C, _A, "counter: orders sent to node i's agent"),
+    Key("order/node{i}/n", False, f"{_C}, {_R}", _A, "counter: orders sent to node i's agent"),
     Key(
         "order/node{i}/{n}",
         True,
-        _C,
+        f"{_C}, {_R}",
         _A,
-        "JSON: order n to node i's agent: kill its trainers, the whole node (and free its "
-        "memory), or corrupt a replica it holds",
+        "JSON: order n to node i's agent: kill or stop (hang) its trainers, the whole node "
+        "(and free its memory), or corrupt a replica it holds; the root kills hung trainers",
     ),
-    Key("order/node{i}/{n}/ack", True, _A, _C, "JSON: order n carried out (wall time, result)"),
+    Key(
+        "order/node{i}/{n}/ack",
+        True,
+        _A,
+        f"{_C}, {_R}",
+        "JSON: order n carried out (wall time, result)",
+    ),
     Key("order/root/n", False, _C, _R, "counter: orders sent to the root agent"),
     Key("order/root/{n}", True, _C, _R, "JSON: order n to the root agent: die (root_loss)"),
     Key("order/root/{n}/ack", True, _R, _C, "JSON: order n carried out (wall time)"),

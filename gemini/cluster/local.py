@@ -63,6 +63,19 @@ def sweep_stale_segments() -> list[str]:
     return freed
 
 
+def start_standby(
+    job_path: str, k: int, log_dir: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start standby node ``k``'s launcher in a session of its own on this machine."""
+    return spawn_module(
+        "gemini.cluster.node",
+        ["--job", job_path, "--standby", str(k)],
+        log_path=log_dir / f"standby{k}.log",
+        new_session=True,
+        env=env,
+    )
+
+
 class LocalCluster(ClusterBase):
     """N simulated nodes and the root agent as process trees on this host
     (the methods' contracts are :class:`gemini.cluster.base.Cluster`'s)."""
@@ -76,6 +89,10 @@ class LocalCluster(ClusterBase):
         self.root: subprocess.Popen[bytes] | None = None
         self.spawn_seen = 0
         self.replaced: list[tuple[int, float]] = []
+        self.standbys: dict[int, subprocess.Popen[bytes]] = {}
+        """Standby nodes not yet given an index, by standby number."""
+        self.standbys_started = 0
+        self.takeovers: list[dict[str, Any]] = []
         # Inherited by every process of the run: how teardown finds orphans.
         self.env = {"GEMINI_RUN_ID": job.run_id}
 
@@ -84,6 +101,13 @@ class LocalCluster(ClusterBase):
         self.root = self.start_root()
         for n in range(self.job.cfg.cluster.nodes):
             self._start_node(n)
+        for _ in range(self.job.cfg.cluster.standby_nodes):
+            self._start_standby()
+
+    def _start_standby(self) -> None:
+        k = self.standbys_started
+        self.standbys_started += 1
+        self.standbys[k] = start_standby(self.job_path, k, self.log_dir, self.env)
 
     def _start_node(self, node: int) -> None:
         self.nodes[node] = spawn_module(
@@ -109,23 +133,40 @@ class LocalCluster(ClusterBase):
         return t
 
     def replace_node(self, node: int) -> None:
+        """A standby takes the failed node's index and a new standby is started in
+        its place; with no standby alive, the node is restarted afresh."""
         p = self.nodes.get(node)
         if p is not None and p.poll() is None:
             kill_tree(p.pid)
         unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
-        self._start_node(node)
+        standby = next((k for k, s in sorted(self.standbys.items()) if s.poll() is None), None)
+        if standby is None:
+            self._start_node(node)
+        else:
+            proc = self.standbys.pop(standby)
+            self.store.set_json(keys.standby_takeover(standby), {"node": node, "t": time.time()})
+            self.nodes[node] = proc
+            self.store.set_json(keys.launcher(node), {"pid": proc.pid, "standby": standby})
+            # Refill the pool: the lost node's processes are gone, so the
+            # machine holds as many as before.
+            self._start_standby()
         self.replaced.append((node, time.time()))
+        self.takeovers.append({"node": node, "standby": standby, "t": self.replaced[-1][1]})
 
     def layout(self) -> dict[str, Any]:
         return {
             "launcher": "local",
             "replaced": [{"node": n, "t": t} for n, t in self.replaced],
+            "standby_nodes": self.job.cfg.cluster.standby_nodes,
+            "takeovers": self.takeovers,
         }
 
     def teardown(self) -> None:
         with contextlib.suppress(Exception):
             self.store.set(keys.ABORT, "1")
-        procs = [p for p in [self.root, *self.nodes.values()] if p is not None]
+        procs = [
+            p for p in [self.root, *self.nodes.values(), *self.standbys.values()] if p is not None
+        ]
         for p in procs:
             if p.poll() is None:
                 terminate_tree(p.pid, grace_s=3.0)

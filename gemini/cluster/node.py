@@ -20,14 +20,18 @@ from gemini.cluster.processes import spawn_module, terminate_tree
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--job", required=True, help="path of the job's job.json")
-    p.add_argument("--node", type=int, required=True)
+    node_or_standby = p.add_mutually_exclusive_group(required=True)
+    node_or_standby.add_argument("--node", type=int)
+    node_or_standby.add_argument(
+        "--standby", type=int, help="start as standby node k: warm, waiting to take over a node"
+    )
     a = p.parse_args(argv)
     log_dir = Path(a.job).parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    role = ["--node", str(a.node)] if a.standby is None else ["--standby", str(a.standby)]
+    name = f"agent{a.node}" if a.standby is None else f"agent-standby{a.standby}"
     agent = spawn_module(
-        "gemini.cluster.agent",
-        ["--job", a.job, "--node", str(a.node)],
-        log_path=log_dir / f"agent{a.node}.log",
+        "gemini.cluster.agent", ["--job", a.job, *role], log_path=log_dir / f"{name}.log"
     )
 
     def stop(*_: Any) -> None:

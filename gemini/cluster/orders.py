@@ -10,6 +10,9 @@ acknowledges it:
 
 - ``kill_trainers``: the agent SIGKILLs the named trainers of the named
   generation (a software failure: the agent and the node's memory live on);
+- ``hang_trainers``: the agent SIGSTOPs the named trainers of the named
+  generation (a hang: alive, silent, never exiting; the root's watchdog
+  finds them and has their agent SIGKILL them with a ``kill_trainers``);
 - ``kill_node``: the agent SIGKILLs every process below it, frees the node's
   shared memory and SIGKILLs itself (a hardware failure: the machine is gone;
   detection is by missed heartbeats, as for a real loss);

@@ -71,7 +71,13 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 5.0) -> No
 
 def terminate_tree(pid: int, grace_s: float = 3.0) -> None:
     """SIGTERM a tree, then SIGKILL whatever is left after ``grace_s``."""
-    alive = _signal_tree(pid, signal.SIGTERM, grace_s)
+    alive = _signal_tree(pid, signal.SIGTERM, 0.0)
+    # A stopped process (a hang) holds SIGTERM pending until it is continued:
+    # continue every one so that it exits within the grace, not after it.
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGCONT)
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()

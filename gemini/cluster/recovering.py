@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gemini.cluster import keys
-from gemini.recovery import Held, Plan, newest_on_timeline, plan_recovery, restart_phases
+from gemini.recovery import (
+    MILESTONES,
+    Held,
+    Plan,
+    newest_on_timeline,
+    plan_recovery,
+    restart_phases,
+)
 
 if TYPE_CHECKING:
     from gemini.cluster.root import RootAgent
@@ -119,10 +126,17 @@ class Recovery:
     """The recovery from one failure, driven by the root agent."""
 
     def __init__(
-        self, root: RootAgent, dead: list[int], ranks: list[int], exits: dict[int, Any]
+        self,
+        root: RootAgent,
+        dead: list[int],
+        ranks: list[int],
+        exits: dict[int, Any],
+        hung: bool = False,
     ) -> None:
         self.root, self.store, self.cfg = root, root.store, root.cfg
         self.dead, self.ranks, self.exits = dead, ranks, exits
+        self.hung = hung
+        """The failed ranks were found hung (and killed) by the watchdog, not by their exit."""
         self.dead_set: set[int] = set(dead)
         self.replaced: set[int] = set()
         self.excluded: list[tuple[int, int, str, int]] = []
@@ -130,6 +144,8 @@ class Recovery:
         self.t_torn = 0.0
         self.alloc_before_s = 0.0
         """Seconds waited for replaced nodes to allocate their slots (``alloc_s``)."""
+        self.takeover_s = 0.0
+        """Seconds waited for lost nodes' replacements to come up (``takeover_s``)."""
 
     def run(self) -> None:
         """All phases; raises :class:`RecoveryFailed` when no attempt succeeds."""
@@ -170,7 +186,7 @@ class Recovery:
                 keys.ROOT_INJECT_SEEN, root.inject_seen - store.counter(keys.ROOT_INJECT_SEEN)
             )
         t_inject = min((rec["t"] for _, rec in injected), default=t_detect)
-        kind = "hardware" if self.dead else "software"
+        kind = self.kind(self.dead)
         failed_step = root.progress()
         root.log(
             f"failure: {kind}; dead nodes {self.dead}, failed ranks {self.ranks}; "
@@ -193,6 +209,12 @@ class Recovery:
             "detect_s": t_detect - t_inject,
             "injected": [r for _, r in injected],
         }
+
+    def kind(self, dead: list[int]) -> str:
+        """The failure's kind as recorded: a lost node outweighs a rank's failure."""
+        if dead:
+            return "hardware"
+        return "hang" if self.hung else "software"
 
     # -- 2. teardown ----------------------------------------------------------------------
     def teardown(self) -> None:
@@ -217,12 +239,14 @@ class Recovery:
     def replace_lost(self) -> None:
         lost = sorted(self.dead_set - self.replaced)
         if lost:
+            t0 = time.time()
             self.root.replace(lost)
+            self.takeover_s += time.time() - t0
             self.replaced |= set(lost)
             self.alloc_before_s += self.root.wait_allocated(lost)
         rec = self.rec
         rec["dead_nodes"] = sorted(self.dead_set)
-        rec["kind"] = "hardware" if self.dead_set else "software"
+        rec["kind"] = self.kind(sorted(self.dead_set))
         if self.dead_set:
             rec["failed"] = f"nodes {sorted(self.dead_set)}"
         rec["replace_s"] = time.time() - self.t_torn
@@ -308,11 +332,23 @@ class Recovery:
         """Store the recovery's phases; the root closes it once replay is done."""
         rec, readies = self.rec, attempt.readies
         t_ready = max(float(v["t"]) for v in readies.values()) if readies else time.time()
-        rec.update(restart_phases(self.t_torn, readies, self.alloc_before_s))
+        rec.update(restart_phases(self.t_torn, readies, self.alloc_before_s, self.takeover_s))
         prepare = [float(v.get("ckpt_prepare_s", 0.0)) for v in readies.values()]
         rec["ckpt_prepare_s"] = max(prepare) if prepare else 0.0
         rec["retrieve_bytes"] = sum(int(v.get("bytes", 0)) for v in readies.values())
         rec["rank_sources"] = {str(r): v.get("source", "scratch") for r, v in readies.items()}
+        # How each rank came back: in_place (the surviving process), spare (a
+        # pre-started one) or fresh (a new interpreter).
+        how = {r: str(v.get("restart", "fresh")) for r, v in readies.items()}
+        rec["rank_restart"] = {str(r): h for r, h in how.items()}
+        # Each rank's milestones, in seconds after the launch of the generation:
+        # where the last rank to be ready spent its time.
+        t_launch = float(rec.get("t_launch", self.t_torn))
+        rec["rank_milestones"] = {
+            str(r): {m: round(float(v[m]) - t_launch, 4) for m in MILESTONES if m in v}
+            for r, v in readies.items()
+        }
+        rec["in_place_ranks"] = sorted(r for r, h in how.items() if h == "in_place")
         # Each rank's own durations, for the one that held the others up.
         rec["rank_retrieve_s"] = {str(r): v.get("retrieve_s", 0.0) for r, v in readies.items()}
         rec["rank_load_s"] = {str(r): v.get("load_s", 0.0) for r, v in readies.items()}

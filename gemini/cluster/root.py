@@ -1,10 +1,13 @@
 """The root agent: detects failures, drives recovery, and declares the job done.
 
 It launches generation 1 once every worker agent has registered, then
-watches three things through the KV store: the agents' heartbeats (a node
+watches four things through the KV store: the agents' heartbeats (a node
 that misses ``cluster.missed_beats`` beats has failed: a hardware failure),
 the trainers' exits as their agents report them (a rank killed by a signal
-while its agent lives: a software failure), and the ranks' final reports.
+while its agent lives: a software failure), the trainers' own heartbeats (a
+rank silent for ``cluster.hang_timeout_s`` while its node lives is hung: its
+agent kills it and it is recovered as a software failure), and the ranks'
+final reports.
 
 On a failure it stops the generation, replaces lost nodes (asking the
 launcher for a fresh one), asks the surviving agents what checkpoints they
@@ -70,6 +73,10 @@ def obey_orders(job: JobSpec, stop: threading.Event) -> None:
             inbox.ack(n, error=f"unknown order {order.get('op')!r}")
 
 
+STANDBY_WARM_TIMEOUT_S = 120.0
+"""How long generation 1 waits for the standby nodes to be warm."""
+
+
 class RootAgent:
     def __init__(self, job: JobSpec) -> None:
         self.job = job
@@ -81,6 +88,13 @@ class RootAgent:
         self.rank_node = {r: r // c.ranks_per_node for r in range(self.world)}
         self.limit_s = c.heartbeat_s * c.missed_beats
         self.live = Liveness()
+        self.hang_timeout_s = c.hang_timeout_s
+        # The trainers' beats, per rank, for the current generation only
+        # (``rank_live_gen``): a new trainer is judged from its own start.
+        self.rank_live = Liveness()
+        self.rank_live_gen = -1
+        self.job_progress = Liveness()
+        """The furthest step any rank reported (one entry), and when it last moved."""
         self.gen = int(self.store.get_json_or(keys.GEN, 0))
         self.inject_seen = self.store.counter(keys.ROOT_INJECT_SEEN)
         # A root serves one epoch; finding a newer one means it was presumed
@@ -99,6 +113,58 @@ class RootAgent:
     def dead_nodes(self) -> list[int]:
         now = time.monotonic()
         return [n for n in range(self.nodes) if self.live.stale(n, now, self.limit_s)]
+
+    def hung_ranks(self, exits: dict[int, Any], dead: list[int], finals: list[int]) -> list[int]:
+        """Ranks of the current generation that are hung: the job has made no
+        progress for ``cluster.hang_timeout_s`` (no rank completed a step: the
+        peers wait on someone), and these ranks' trainers stopped beating for as
+        long while they have not exited and their nodes live.
+
+        Both conditions, not the beat alone: a trainer on a host loaded far past
+        its cores can miss its beats for a while, but then the job still moves.
+        Only a trainer that has started (``trainer/{g}/{r}``) is watched: one not
+        yet launched has no beat to miss.
+        """
+        if self.hang_timeout_s <= 0:
+            return []
+        finished = set(finals)
+        if self.rank_live_gen != self.gen:
+            self.rank_live, self.rank_live_gen = Liveness(), self.gen
+            self.job_progress = Liveness()
+        now = time.monotonic()
+        self.job_progress.update(0, self.progress(), now)
+        watched = []
+        for r in range(self.world):
+            # A rank past its final report has finished training: what is left
+            # is its exit, and an interpreter shutting down runs no threads.
+            if r in exits or self.rank_node[r] in dead or r in finished:
+                continue
+            if r not in self.rank_live.counters and not self.store.exists(
+                keys.trainer(self.gen, r)
+            ):
+                continue
+            self.rank_live.update(r, self.store.counter(keys.hb_rank(r)), now)
+            watched.append(r)
+        if not self.job_progress.stale(0, now, self.hang_timeout_s):
+            return []
+        hung = [r for r in watched if self.rank_live.stale(r, now, self.hang_timeout_s)]
+        return hung
+
+    def kill_hung(self, ranks: list[int]) -> None:
+        """Have each hung rank's own agent SIGKILL it (nothing kills across nodes by PID)."""
+        from gemini.cluster import orders
+
+        rpn = self.cfg.cluster.ranks_per_node
+        sends = [
+            (
+                keys.node_orders(self.rank_node[r]),
+                {"op": "kill_trainers", "ranks": [r % rpn], "gen": self.gen, "inject": None},
+            )
+            for r in ranks
+        ]
+        for (_, order), ack in zip(sends, orders.send(self.store, sends), strict=True):
+            if ack is None:
+                self.log(f"no agent acknowledged the kill of hung rank(s) {order['ranks']}")
 
     def exits(self, gen: int) -> dict[int, dict[str, Any]]:
         got = {r: self.store.get_json_or(keys.exited(gen, r)) for r in range(self.world)}
@@ -128,6 +194,35 @@ class RootAgent:
                     raise TimeoutError(f"node {n}'s agent did not register in {timeout_s:.0f} s")
                 time.sleep(0.05)
 
+    def wait_standbys(self, timeout_s: float = STANDBY_WARM_TIMEOUT_S) -> None:
+        """Wait until the standby nodes and the warm spares are ready, so that their
+        start-up (interpreters, imports) is part of the job's and never competes
+        with step 0 onwards.
+
+        One that is not ready in time is waited for no longer: it can still
+        take over, only more slowly.
+        """
+        c = self.cfg.cluster
+        waits: list[tuple[str, str, str | None]] = [
+            (f"standby node {k}", keys.standby(k), "warm") for k in range(c.standby_nodes)
+        ]
+        if c.warm_spares:
+            waits += [
+                (f"node {n}'s spare {i}", keys.spare_warm(n, i), None)
+                for n in range(self.nodes)
+                for i in range(c.ranks_per_node)
+            ]
+        deadline = time.monotonic() + timeout_s
+        for what, key, flag in waits:
+            while True:
+                got = self.store.get_json_or(key)
+                if got is not None and (flag is None or got.get(flag)):
+                    break
+                if time.monotonic() > deadline:
+                    self.log(f"{what} not ready after {timeout_s:.0f} s: starting anyway")
+                    return
+                time.sleep(0.05)
+
     def run(self) -> int:
         hb = Heartbeat(self.job, "root", self.cfg.cluster.heartbeat_s).start()
         self.store.set_json(keys.ROOT_PID, {"pid": os.getpid(), "t": time.time()})
@@ -138,6 +233,7 @@ class RootAgent:
         try:
             if self.gen == 0:
                 self.wait_agents()
+                self.wait_standbys()
                 self.launch(self.resume_plan() if self.job.resume else self.first_plan())
                 self.log(f"generation {self.gen}: {self.world} ranks on {self.nodes} nodes")
             else:
@@ -198,6 +294,7 @@ class RootAgent:
                 "t_inject": t_inject,
                 "detect_s": t_elected - t_inject,
                 "teardown_s": 0.0,
+                "takeover_s": 0.0,
                 "restart_s": now - t_elected,
                 "rendezvous_s": 0.0,
                 "alloc_s": 0.0,
@@ -236,8 +333,17 @@ class RootAgent:
             killed = [r for r, e in exits.items() if e["code"] < 0 and e["code"] != -15]
             crashed = [r for r, e in exits.items() if e["code"] != 0]
             now = time.monotonic()
+            hung = [] if dead or killed else self.hung_ranks(exits, dead, finals)
             if dead or killed:
                 self.on_failure(dead, killed, exits)
+                suspicious_since = None
+            elif hung:
+                self.log(
+                    f"ranks {hung}: no trainer heartbeat for "
+                    f"{self.hang_timeout_s:g} s while their nodes live: hung"
+                )
+                self.kill_hung(hung)
+                self.on_failure([], hung, exits, hung=True)
                 suspicious_since = None
             elif crashed:
                 # A survivor's trainer dies of a broken connection before the
@@ -364,10 +470,12 @@ class RootAgent:
         plans = {g: self.store.get_json_or(keys.plan(g)) for g in range(1, self.gen + 1)}
         return Timeline.from_plans({g: p for g, p in plans.items() if p is not None})
 
-    def on_failure(self, dead: list[int], ranks: list[int], exits: dict[int, Any]) -> None:
+    def on_failure(
+        self, dead: list[int], ranks: list[int], exits: dict[int, Any], hung: bool = False
+    ) -> None:
         """Recover (``gemini.cluster.recovering``), or end the job with the reason why not."""
         try:
-            Recovery(self, dead, ranks, exits).run()
+            Recovery(self, dead, ranks, exits, hung=hung).run()
         except RecoveryFailed as e:
             self.fail(str(e))
 

@@ -9,8 +9,9 @@ job; submitit's ``JobEnvironment`` tells each task its global rank:
   root agent and node 0, and serves this class's side;
 - task i < nodes runs node i's launcher (``gemini.cluster.node``), exactly as
   the local cluster starts it;
-- the remaining tasks are standbys: they wait, registered, until the
-  controller hands one a failed node's index (``slurm/assign/{task}``). With no
+- the remaining tasks are standbys: each starts a standby node at once (warm:
+  agent up, trainer processes imported, waiting) and hands it a failed node's
+  index when the controller assigns one (``slurm/assign/{task}``). With no
   standby left, a failed node is started afresh by the task that ran it, as
   the local cluster restarts a node.
 
@@ -339,6 +340,14 @@ def serve_task(cfg: GeminiConfig, job_dir: Path, task: TaskEnv) -> dict[str, Any
     node_proc: subprocess.Popen[bytes] | None = None
     nodes_run: list[int] = []
     seen = 0
+    # A standby task starts its node warm at once (agent and trainers waiting):
+    # its first assignment is a takeover, not a start.
+    standby = task.rank - cfg.cluster.nodes
+    warm: subprocess.Popen[bytes] | None = None
+    if standby >= 0:
+        from gemini.cluster.local import start_standby
+
+        warm = start_standby(job_path, standby, log_dir, env)
     try:
         while True:
             try:
@@ -352,11 +361,16 @@ def serve_task(cfg: GeminiConfig, job_dir: Path, task: TaskEnv) -> dict[str, Any
                 if node_proc is not None and node_proc.poll() is None:
                     kill_tree(node_proc.pid)
                 node = int(order["node"])
-                node_proc = start_node(job, job_path, node, log_dir, env)
+                if warm is not None and warm.poll() is None:
+                    store.set_json(keys.standby_takeover(standby), {"node": node, "t": time.time()})
+                    node_proc = warm
+                else:
+                    node_proc = start_node(job, job_path, node, log_dir, env)
+                warm = None
                 nodes_run.append(node)
             time.sleep(0.2)
     finally:
-        stop_nodes(job, node_proc, nodes_run)
+        stop_nodes(job, warm if node_proc is None else node_proc, nodes_run)
         with contextlib.suppress(Exception):
             store.set_json(keys.slurm_exit(task.rank), {"nodes": nodes_run, "t": time.time()})
     return {"task": task.rank, "nodes": nodes_run}

@@ -10,6 +10,8 @@ its own store connection, so the training loop never waits on the network.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import math
 import os
 import queue
@@ -17,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -44,6 +47,9 @@ class Reporter:
 
     def __init__(self, job: JobSpec, rank: int, gen: int, period_s: float = 0.2) -> None:
         self.rank, self.gen, self.period_s = rank, gen, period_s
+        self.stopped = threading.Event()
+        """Set once the root stopped this generation: the training loop leaves it
+        at the next step (a rank blocked in a collective leaves when it raises)."""
         self.q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.store = Store.for_job(job)
         self.thread = threading.Thread(target=self._run, name="reporter", daemon=True)
@@ -73,6 +79,9 @@ class Reporter:
                     break
                 batch.append(item)
             self._flush(batch)
+            # The same round trip rate as the flushes: at most one check per period.
+            if not self.stopped.is_set() and self.store.exists(keys.stop(self.gen)):
+                self.stopped.set()
 
     def close(self) -> None:
         self.q.put(None)
@@ -122,20 +131,31 @@ def process_group_backend(cfg: GeminiConfig, device: torch.device) -> str:
 LAUNCH_TIMEOUT_S = 180.0
 
 
+class Stopped(RuntimeError):
+    """The root stopped this rank's generation: a failure elsewhere."""
+
+    def __init__(self, gen: int) -> None:
+        super().__init__(f"generation {gen} was stopped")
+
+
 def wait_for_generation(store: Store, gen: int, world: int) -> None:
     """Wait until every rank of ``gen`` has started.
 
     ``init_process_group`` gives the others only the collective timeout to
     show up, which a rank on a freshly replaced node (no warm spare, imports
     to pay) can exceed; the recovery would then fail for nothing. If a rank
-    never comes, the root stops the generation and the agent ends this one.
+    never comes, the root stops the generation and this one leaves it.
     """
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     for r in range(world):
-        if not store.wait_for(keys.trainer(gen, r), max(0.0, deadline - time.monotonic())):
-            raise RuntimeError(
-                f"rank {r} of generation {gen} did not start in {LAUNCH_TIMEOUT_S:.0f} s"
-            )
+        while not store.exists(keys.trainer(gen, r)):
+            if store.exists(keys.stop(gen)):
+                raise Stopped(gen)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"rank {r} of generation {gen} did not start in {LAUNCH_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.05)
 
 
 @dataclass
@@ -336,36 +356,147 @@ def finish(me: Rank, state: TrainState, backend: CheckpointBackend, reporter: Re
     dist.barrier()
 
 
-def train(job: JobSpec, node: int, rank: int, local_rank: int, gen: int) -> int:
-    """Run one rank of one generation to the end of training (or its death)."""
+@dataclass(frozen=True)
+class Identity:
+    """Which rank of the job a trainer process is: fixed at its start, or handed to
+    a pre-started one (a warm spare, a standby node's trainer) when it takes over."""
+
+    node: int
+    rank: int
+    local_rank: int
+
+
+def train(job: JobSpec, who: Identity, gen: int, how: str = "fresh") -> int:
+    """Run one rank of one generation to the end of training (or its failure).
+
+    ``how`` says how this process came to the generation (``fresh``, ``spare``,
+    ``in_place``), for the recovery record. On a failure the exception leaves
+    with the process group still up: :func:`leave_generation` tears it down.
+    """
     from gemini.workload.state import TrainState
 
     cfg = job.cfg
     torch.set_num_threads(cfg.cluster.threads_per_rank)
-    me, ready = rendezvous(job, node, rank, local_rank, gen)
-    state = TrainState(cfg, rank, me.world, me.device)
-    ctx = BackendContext(job, node, rank, local_rank, me.world, config_hash(cfg), generation=gen)
-    backend = make_backend(ctx)
+    me, ready = rendezvous(job, who.node, who.rank, who.local_rank, gen)
+    ready["restart"] = how
+    backend: CheckpointBackend | None = None
+    reporter: Reporter | None = None
     try:
-        ready.update(restore(state, backend, me.plan), t=time.time())
-    except RetrieveFailed as e:
-        me.store.set_json(keys.restore_failed(gen, rank), e.report())
-        raise
-    me.store.set(keys.progress(rank), str(state.step))
-    me.store.set_json(keys.ready(gen, rank), ready)
-    reporter = Reporter(job, rank, gen)
-    cadence = CadenceAgreement(cfg, backend, me.device)
-    replay_until = int(me.plan.get("replay_until", 0))
-    try:
+        state = TrainState(cfg, who.rank, me.world, me.device)
+        ctx = BackendContext(
+            job, who.node, who.rank, who.local_rank, me.world, config_hash(cfg), generation=gen
+        )
+        backend = make_backend(ctx)
+        try:
+            ready.update(restore(state, backend, me.plan), t=time.time())
+        except RetrieveFailed as e:
+            me.store.set_json(keys.restore_failed(gen, who.rank), e.report())
+            raise
+        me.store.set(keys.progress(who.rank), str(state.step))
+        me.store.set_json(keys.ready(gen, who.rank), ready)
+        reporter = Reporter(job, who.rank, gen)
+        cadence = CadenceAgreement(cfg, backend, me.device)
+        replay_until = int(me.plan.get("replay_until", 0))
         for step in range(state.step + 1, cfg.train.steps + 1):
+            if reporter.stopped.is_set():
+                raise Stopped(gen)
             rec = train_step(state, backend, cadence, step)
             reporter.put({**rec, "gen": gen, "replay": step <= replay_until})
         finish(me, state, backend, reporter)
     finally:
-        reporter.close()
-        backend.close()
+        if reporter is not None:
+            reporter.close()
+        if backend is not None:
+            backend.close()
     dist.destroy_process_group()
     return 0
+
+
+def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException) -> bool:
+    """After a failed generation: tear down the process group and tell the agent
+    this process waits, alive, for the next generation (``parked``).
+
+    False when the teardown itself failed: the process cannot be trusted to
+    restart in place and must exit, so that its agent starts a fresh one.
+    """
+    t0 = time.perf_counter()
+    try:
+        if dist.is_initialized():
+            # gloo's destroy returns with dead peers; NCCL's could block on
+            # one, so its communicators are aborted first.
+            if dist.get_backend() == "nccl":
+                with contextlib.suppress(Exception):
+                    dist.distributed_c10d._abort_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except Exception as e:
+        print(f"rank {who.rank}: cannot restart in place: teardown failed: {e}", flush=True)
+        return False
+    store = Store.for_job(job)
+    stopped = isinstance(error, Stopped) or store.exists(keys.stop(gen))
+    store.set_json(
+        keys.parked(gen, who.rank),
+        {
+            # As the agent reports exits: -15 for a rank the root stopped, 1 for
+            # one that failed by itself (a collective broken by a lost peer).
+            "code": -15 if stopped else 1,
+            "error": f"{type(error).__name__}: {error}"[:500],
+            "teardown_s": time.perf_counter() - t0,
+            "pid": os.getpid(),
+            "t": time.time(),
+        },
+    )
+    store.incr(keys.parks(who.node))
+    return True
+
+
+def await_handover(default: Identity | None) -> tuple[int, Identity, str] | None:
+    """Block until the agent hands this process a generation (a line on stdin).
+
+    The line is JSON: ``{"gen": g, "how": ...}`` plus, for a process that has no
+    identity yet (a warm spare, a standby node's trainer), ``node``, ``rank`` and
+    ``local_rank``; ``how`` names the pool it came from (``in_place``, ``spare``,
+    ``standby``). None when the agent closed stdin: the process is not needed.
+    """
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    import json
+
+    msg = json.loads(line)
+    if "rank" in msg:
+        who = Identity(int(msg["node"]), int(msg["rank"]), int(msg["local_rank"]))
+    else:
+        assert default is not None, "a handover without an identity to a process without one"
+        who = default
+    return int(msg["gen"]), who, str(msg.get("how", "spare"))
+
+
+def serve(job: JobSpec, who: Identity, gen: int, how: str) -> int:
+    """Train generation after generation in this process (``cluster.restart=in_place``).
+
+    A failed generation is left (:func:`leave_generation`) and the process
+    waits for the agent to hand it the next one; with ``restart=process`` it
+    exits instead, as every trainer did before in-place restarts.
+    """
+    in_place = job.cfg.cluster.restart == "in_place"
+    while True:
+        try:
+            return train(job, who, gen, how)
+        except Exception as e:
+            if not in_place:
+                raise
+            traceback.print_exc()
+            if not leave_generation(job, who, gen, e):
+                return 1
+        # Drop what the failed generation built (its model, optimizer, backend)
+        # before the next one builds its own.
+        gc.collect()
+        got = await_handover(who)
+        if got is None:
+            return 0
+        gen, who, how = got
+        print(f"rank {who.rank}: generation {gen} ({how})", flush=True)
 
 
 SPARE_UNSUPPORTED = 75
@@ -394,6 +525,18 @@ def _set_idle(idle: bool) -> bool:
     return True
 
 
+def warm_up_imports() -> None:
+    """Import now what a rank's first generation would otherwise import on its way
+    to the first collective, where every other rank would wait for it."""
+    import gemini.checkpoint.disk
+    import gemini.checkpoint.memory
+    import gemini.cluster.transport
+    import gemini.workload.state  # noqa: F401
+
+    # torch's optimizers import the compiler stack (~0.5 s) on first use.
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--job", required=True)
@@ -404,12 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--standby",
         action="store_true",
-        help="import everything, then wait for the generation number on stdin",
+        help="import everything, then wait for a generation and an identity on stdin",
+    )
+    p.add_argument(
+        "--announce",
+        default="",
+        help="with --standby: the store key to set once everything is imported",
     )
     a = p.parse_args(argv)
     # The agent stops a generation with SIGTERM: exit at once, quietly.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
-    gen = a.gen
+    gen, how = a.gen, "fresh"
+    who = Identity(a.node, a.rank, a.local_rank)
     if a.standby:
         # A warm spare: the interpreter and torch are loaded while the current
         # generation trains, so a restart after a failure skips the imports.
@@ -418,17 +567,34 @@ def main(argv: list[str] | None = None) -> int:
         # priority gets no spare (exit 75 tells the agent to stop making them).
         if not _set_idle(True):
             return SPARE_UNSUPPORTED
-        import gemini.checkpoint.disk
-        import gemini.checkpoint.memory
-        import gemini.cluster.transport
-        import gemini.workload.state  # noqa: F401
-
-        line = sys.stdin.readline()
-        if not line.strip():
+        warm_up_imports()
+        if a.announce:
+            Store.for_job(JobSpec.load(a.job)).set_json(
+                a.announce, {"pid": os.getpid(), "t": time.time()}
+            )
+        got = await_handover(who)
+        if got is None:
             return 0  # the agent closed our stdin: not needed any more
         _set_idle(False)
-        gen = int(line)
-    return train(JobSpec.load(a.job), a.node, a.rank, a.local_rank, gen)
+        gen, who, how = got
+    job = JobSpec.load(a.job)
+    # The hang watchdog's beat: a thread, so it beats while the main thread
+    # waits in a collective (gloo releases the GIL) and stops only when the
+    # whole process does (a SIGSTOP) or exits. A spare or a standby's trainer
+    # starts it only once it has a rank, or it would beat for one it may never
+    # take. A process restarting in place keeps its rank, and its beat.
+    if job.cfg.cluster.hang_timeout_s <= 0:
+        return serve(job, who, gen, how)
+    from gemini.cluster.agent import Heartbeat
+
+    beat = Heartbeat(job, f"rank{who.rank}", job.cfg.cluster.heartbeat_s).start()
+    try:
+        return serve(job, who, gen, how)
+    finally:
+        # Joined before the interpreter exits: a thread still inside a store
+        # call at exit aborts the process (SIGABRT), which the root would
+        # rightly take for a crash of a rank that had finished.
+        beat.stop()
 
 
 if __name__ == "__main__":
