@@ -103,10 +103,12 @@ class ClusterConfig:
     and rejoins the next generation: no interpreter start, no imports) or ``process``
     (every trainer is replaced by a fresh process, for comparison). A trainer that
     cannot restart in place is replaced by a fresh process either way."""
-    warm_spares: bool = False
-    """Keep one pre-started trainer per rank (torch imported, at idle priority), so a
-    restart after a failure skips the interpreter start-up (~1.5 s instead of ~9 s
-    here). Their one-time import competes with training on a host with few cores."""
+    warm_spares: bool = True
+    """Keep one pre-started trainer per rank on every node (torch imported, waiting,
+    at idle priority): a rank killed by a software failure comes back on it, skipping
+    the interpreter start-up. They start with their agent, before generation 1 (part
+    of ``startup_s``), and a used one is replaced a few seconds into the next
+    generation. ``false`` saves their memory and start-up on small machines."""
     standby_nodes: int = 1
     """Spare nodes started with the job, warm (agent up, trainer processes with
     everything imported, idle) and waiting (``slurm``: extra tasks of the same SLURM

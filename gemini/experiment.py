@@ -198,6 +198,7 @@ class Controller:
             injector.fired,
             cluster.replaced,
             reason=self.reason,
+            t_start=t0,
         )
         summary["cluster_layout"] = layout
         if cfg.cluster.launcher == "slurm":
@@ -390,8 +391,11 @@ def merge_reports(
             row["ckpt_bytes"] = sum(r.get("ckpt_bytes", 0) for r in recs)
         row["throughput_samples_s"] = mean(r["throughput_samples_s"] for r in recs)
         steps.append(row)
+    # When every rank had trained its first step (of the first generation).
+    firsts = [float(recs[0]["t"]) for recs in per_rank.values() if recs]
     return {
         "steps": steps,
+        "t_first_step": max(firsts) if len(firsts) == len(per_rank) and firsts else None,
         "finals": finals,
         "readies": readies,
         "recoveries": add_wasted(recoveries, per_rank),
@@ -452,6 +456,7 @@ def summarize(
     fired: list[dict[str, Any]],
     replaced: list[tuple[int, float]],
     reason: str = "",
+    t_start: float | None = None,
 ) -> dict[str, Any]:
     """The job's ``summary.json``; ``reason`` is the controller's word on how it ended,
     used when the root left none (a root that vanished writes no result)."""
@@ -471,6 +476,14 @@ def summarize(
         "run_id": run_id,
         "steps": steps[-1]["step"] if steps else 0,
         "wall_s": wall_s,
+        # Cluster start -> every rank done with its first step: processes,
+        # imports, the standby nodes and warm spares the root waits for, the
+        # rendezvous and the first step.
+        "startup_s": (
+            reports["t_first_step"] - t_start
+            if t_start is not None and reports.get("t_first_step") is not None
+            else None
+        ),
         "iter_time_s": m("iter_time_s"),
         "throughput_samples_s": m("throughput_samples_s"),
         "final_loss": steps[-1].get("loss") if steps else None,
@@ -534,6 +547,7 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
         ),
         ("steps", s["steps"]),
         ("wall time", _fmt(s["wall_s"], " s")),
+        ("start-up (to step 1)", _fmt(s.get("startup_s"), " s")),
         ("iteration time (mean)", _fmt(s["iter_time_s"], " s")),
         ("throughput", _fmt(s["throughput_samples_s"], " samples/s")),
         ("final loss", _fmt(s["final_loss"])),

@@ -62,6 +62,7 @@ Wall-clock instants (``t_inject``, ``t_ready``, ...) stay in ``summary.json``.""
 RUN_METRICS = (
     "steps",
     "wall_s",
+    "startup_s",
     "iter_time_s",
     "throughput_samples_s",
     "final_loss",

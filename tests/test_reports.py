@@ -196,13 +196,16 @@ def test_the_summary_averages_steady_steps_and_counts_checkpoints() -> None:
         "gen": 2,
         "final_waits": [{"final_wait": True}],
         "root": {"status": "completed"},
+        "t_first_step": 1.0,
     }
     fired = [{"kind": "hardware", "node": 1}]
-    s = summarize(config(), reports, 32.0, "completed", "run1", fired, [])
+    # The cluster started 3 s before every rank was done with step 1.
+    s = summarize(config(), reports, 32.0, "completed", "run1", fired, [], t_start=-2.0)
     assert s == {
         "outcome": "completed",
         "reason": "",
         "run_id": "run1",
+        "startup_s": 3.0,
         "steps": 5,
         "wall_s": 32.0,
         "iter_time_s": 0.75,

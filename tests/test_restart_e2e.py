@@ -51,9 +51,9 @@ def test_survivors_of_a_software_failure_restart_in_place_and_end_exact(
     )
     assert summary["state_digest"] == reference.digest()
     rec = only_recovery(summary, "software")
-    # Rank 1 was killed: a new process; rank 0 lived through it and came back
-    # in the same process, from its own memory.
-    assert restarts(rec) == {0: "in_place", 1: "fresh"}
+    # Rank 1 was killed: its node's warm spare took its place; rank 0 lived
+    # through it and came back in the same process, from its own memory.
+    assert restarts(rec) == {0: "in_place", 1: "spare"}
     assert rec["in_place_ranks"] == [0]
     assert set(rec["rank_sources"].values()) == {"local"}
     assert rec["takeover_s"] == 0.0
@@ -122,6 +122,7 @@ def test_with_no_standby_a_lost_node_restarts_afresh_and_ends_exact(
         f"failure.at_step={AT_STEP}",
         "failure.node=0",
         "cluster.standby_nodes=0",
+        "cluster.warm_spares=false",
     )
     assert summary["state_digest"] == reference.digest()
     rec = only_recovery(summary, "hardware")
@@ -143,6 +144,7 @@ def test_restart_by_process_replaces_every_trainer_and_ends_exact(
         f"failure.at_step={AT_STEP}",
         "failure.node=0",
         "cluster.restart=process",
+        "cluster.warm_spares=false",
     )
     assert summary["state_digest"] == reference.digest()
     rec = only_recovery(summary, "software")
