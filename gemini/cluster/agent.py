@@ -40,6 +40,11 @@ SPARE_UNSUPPORTED = 75
 # raise (about a second with gloo) and a process-group teardown.
 PARK_GRACE_S = 5.0
 
+# How long a pre-started trainer (parked, spare, standby) handed a generation
+# may take to announce itself in it before the agent gives up on it and starts
+# a fresh process for that rank: it has nothing to import, so this is slack.
+HANDOVER_TIMEOUT_S = 10.0
+
 # How long a newly elected root may stay silent: an interpreter and torch
 # start-up on a loaded host.
 ROOT_STARTUP_GRACE_S = 60.0
@@ -108,6 +113,9 @@ class WorkerAgent:
         """Trainers that left a failed generation alive, by rank: the next one's."""
         self.parks_seen = 0
         self.stop_seen: float | None = None
+        self.handed: dict[int, float] = {}
+        """Ranks of the generation handed to pre-started processes, and when, until
+        each announces itself (``trainer/{g}/{r}``)."""
         self.inbox = Inbox(self.store, keys.node_orders(node))
 
     def start_services(self) -> dict[str, Any]:
@@ -141,6 +149,8 @@ class WorkerAgent:
                 elif self.trainers and self.store.exists(keys.stop(self.gen)):
                     self.on_stop()
                 self.poll_trainers()
+                if self.handed:
+                    self.check_handovers()
                 if self.services is not None:
                     self.services.tick()
                 self.watch_root()
@@ -183,6 +193,7 @@ class WorkerAgent:
         self.gen = gen
         self.reported = set()
         self.stop_seen = None
+        self.handed = {}
         self.launched_at = time.monotonic()
         # The first generation starts its own processes: the warm spares are kept
         # for a restart, not spent on a start whose refill would then compete
@@ -196,16 +207,43 @@ class WorkerAgent:
                 proc = pool.pop(rank, None)
                 if proc is not None and self.hand_over(proc, gen, local, rank, how):
                     self.trainers[rank] = proc
+                    self.handed[rank] = time.monotonic()
                     break
             else:
-                log = self.log_dir / f"rank{rank}.log"
-                args = [*self.trainer_args(local, rank), "--gen", str(gen)]
-                self.trainers[rank] = spawn_module(
-                    "gemini.workload.trainer", args, log_path=log, stdin_pipe=self.in_place
-                )
+                self.trainers[rank] = self.start_trainer(gen, local, rank)
         self.spare_how = "spare"
         # Parked trainers of ranks this node no longer runs have nothing to wait for.
         self.close_parked()
+
+    def start_trainer(self, gen: int, local: int, rank: int) -> subprocess.Popen[bytes]:
+        """A fresh trainer process for ``rank`` in generation ``gen``."""
+        args = [*self.trainer_args(local, rank), "--gen", str(gen)]
+        return spawn_module(
+            "gemini.workload.trainer",
+            args,
+            log_path=self.log_dir / f"rank{rank}.log",
+            stdin_pipe=self.in_place,
+        )
+
+    def check_handovers(self) -> None:
+        """Replace a pre-started process that has not joined the generation it was
+        handed within :data:`HANDOVER_TIMEOUT_S` by a fresh one: the rest of the
+        generation waits for every rank, and a fresh start still arrives in time."""
+        now = time.monotonic()
+        for rank, t in list(self.handed.items()):
+            if self.store.exists(keys.trainer(self.gen, rank)):
+                del self.handed[rank]
+            elif now - t > HANDOVER_TIMEOUT_S:
+                del self.handed[rank]
+                proc = self.trainers[rank]
+                print(
+                    f"agent {self.node}: rank {rank} (pid {proc.pid}) did not join generation "
+                    f"{self.gen} {HANDOVER_TIMEOUT_S:.0f} s after the handover: starting a "
+                    "fresh process",
+                    flush=True,
+                )
+                terminate_tree(proc.pid, grace_s=1.0)
+                self.trainers[rank] = self.start_trainer(self.gen, self.ranks.index(rank), rank)
 
     def hand_over(
         self, proc: subprocess.Popen[bytes], gen: int, local: int, rank: int, how: str

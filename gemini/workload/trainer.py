@@ -412,6 +412,11 @@ def train(job: JobSpec, who: Identity, gen: int, how: str = "fresh") -> int:
     return 0
 
 
+TEARDOWN_TIMEOUT_S = 3.0
+"""How long a failed generation's process-group teardown may take before the
+process gives up restarting in place (its agent then starts a fresh one)."""
+
+
 def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException) -> bool:
     """After a failed generation: tear down the process group and tell the agent
     this process waits, alive, for the next generation (``parked``).
@@ -420,17 +425,31 @@ def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException
     restart in place and must exit, so that its agent starts a fresh one.
     """
     t0 = time.perf_counter()
-    try:
-        if dist.is_initialized():
-            # gloo's destroy returns with dead peers; NCCL's could block on
-            # one, so its communicators are aborted first.
-            if dist.get_backend() == "nccl":
-                with contextlib.suppress(Exception):
-                    dist.distributed_c10d._abort_process_group()
+    print(f"rank {who.rank}: leaving generation {gen} ({type(error).__name__})", flush=True)
+    outcome: list[BaseException | None] = []
+
+    def teardown() -> None:
+        try:
             if dist.is_initialized():
-                dist.destroy_process_group()
-    except Exception as e:
-        print(f"rank {who.rank}: cannot restart in place: teardown failed: {e}", flush=True)
+                # NCCL's destroy can block on a dead peer: abort the
+                # communicators first.
+                if dist.get_backend() == "nccl":
+                    with contextlib.suppress(Exception):
+                        dist.distributed_c10d._abort_process_group()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    # On a thread, with a deadline: a destroy that waits for work a dead peer
+    # never completes would otherwise keep this process from ever parking.
+    worker = threading.Thread(target=teardown, name="teardown", daemon=True)
+    worker.start()
+    worker.join(TEARDOWN_TIMEOUT_S)
+    if not outcome or outcome[0] is not None:
+        why = "timed out" if not outcome else f"failed: {outcome[0]}"
+        print(f"rank {who.rank}: cannot restart in place: teardown {why}", flush=True)
         return False
     store = Store.for_job(job)
     stopped = isinstance(error, Stopped) or store.exists(keys.stop(gen))
@@ -488,7 +507,8 @@ def serve(job: JobSpec, who: Identity, gen: int, how: str) -> int:
                 raise
             traceback.print_exc()
             if not leave_generation(job, who, gen, e):
-                return 1
+                # Straight out: finalizers could block on the same broken state.
+                os._exit(1)
         # Drop what the failed generation built (its model, optimizer, backend)
         # before the next one builds its own.
         gc.collect()
@@ -568,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
         if not _set_idle(True):
             return SPARE_UNSUPPORTED
         warm_up_imports()
+        # Back to normal priority before waiting: waiting costs no CPU, and a
+        # process still at idle priority when it is handed a generation may
+        # not get the CPU to even read it while the host is busy.
+        _set_idle(False)
         if a.announce:
             Store.for_job(JobSpec.load(a.job)).set_json(
                 a.announce, {"pid": os.getpid(), "t": time.time()}
@@ -575,8 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         got = await_handover(who)
         if got is None:
             return 0  # the agent closed our stdin: not needed any more
-        _set_idle(False)
         gen, who, how = got
+        print(f"rank {who.rank}: generation {gen} ({how}, pid {os.getpid()})", flush=True)
     job = JobSpec.load(a.job)
     # The hang watchdog's beat: a thread, so it beats while the main thread
     # waits in a collective (gloo releases the GIL) and stops only when the
