@@ -95,7 +95,8 @@ TARGETS = {"hardware": 2.0, "software": 1.5}
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="gemini-restart-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gemini-restart-") as scratch:
+        tmp = a.outputs or scratch
         for name, (failure, modes) in SCENARIOS.items():
             for mode in modes:
                 overrides = [
@@ -192,6 +193,7 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_saved_results_args(ap, "print the table as Markdown (the README's)")
+    ap.add_argument("--outputs", help="keep every job's directory (and logs) under this one")
     a = ap.parse_args(argv)
     results = measured_or_saved(a, measure)
     print(f"\nRestart after a failure — {results['machine']}, {results['date']}")
