@@ -8,8 +8,9 @@ digest, so ``backend=none`` is the reference of all of them).
 
 For each row it prints where every rank was restored from, the steps lost,
 ``recovery_s`` (failure -> back at the failed step), its ``detect_s``,
-``restart_s`` and ``alloc_s`` phases (``gemini.recovery.PHASES``), and whether the job ended
-with the reference's state digest.
+``restart_s`` and ``alloc_s`` phases (``gemini.recovery.PHASES``), how the ranks came
+back (in place, spare, standby, fresh), and whether the job ended with the
+reference's state digest.
 
     .venv/bin/python -m benchmarks.recovery_kinds                      # every row (~8 min here)
     .venv/bin/python -m benchmarks.recovery_kinds --only hardware-replicated,hardware-disk
@@ -46,13 +47,18 @@ except ModuleNotFoundError:  # run as a script: siblings are top level
     )
 
 SCENARIOS: dict[str, tuple[str, list[str]]] = {
-    "software-replicated-spares": (
-        "software, replicated, `cluster.warm_spares=true`",
-        ["backend=replicated", "failure=software_once", "cluster.warm_spares=true"],
-    ),
     "software-replicated": (
-        "software, replicated (default: no spares)",
+        "software, replicated (default: in place, warm spare)",
         ["backend=replicated", "failure=software_once"],
+    ),
+    "software-replicated-process": (
+        "software, replicated, `cluster.restart=process`, no spares",
+        [
+            "backend=replicated",
+            "failure=software_once",
+            "cluster.restart=process",
+            "cluster.warm_spares=false",
+        ],
     ),
     "hardware-replicated": (
         "hardware, replicated m=2",
@@ -122,6 +128,13 @@ def _sources(rec: dict[str, Any]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) or "-"
 
 
+def _came_back(rec: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for how in (rec.get("rank_restart") or {}).values():
+        counts[how] = counts.get(how, 0) + 1
+    return ", ".join(f"{how} ×{n}" for how, n in sorted(counts.items())) or "-"
+
+
 def _s(v: Any) -> str:
     if not isinstance(v, (int, float)):
         return "-"
@@ -137,7 +150,7 @@ def table(results: dict[str, Any]) -> str:
         same = s.get("state_digest") == results["reference_digest"]
         exact = "yes" if ok and same else f"**no** ({s.get('outcome')})"
         if not recs:
-            rows.append([row["label"], "(no recovery)", "-", "-", "-", "-", "-", exact])
+            rows.append([row["label"], "(no recovery)", "-", "-", "-", "-", "-", "-", "-", exact])
             continue
         # Several recoveries (a failure during a recovery): each one's figures.
         rows.append(
@@ -147,8 +160,10 @@ def table(results: dict[str, Any]) -> str:
                 ", ".join(str(r.get("lost_steps")) for r in recs),
                 ", ".join(_s(r.get("recovery_s")) for r in recs),
                 ", ".join(_s(r.get("detect_s")) for r in recs),
+                ", ".join(_s(r.get("takeover_s")) for r in recs),
                 ", ".join(_s(r.get("restart_s")) for r in recs),
                 ", ".join(_s(r.get("alloc_s")) for r in recs),
+                "; ".join(_came_back(r) for r in recs),
                 exact,
             ]
         )
@@ -163,8 +178,10 @@ def table(results: dict[str, Any]) -> str:
             "lost steps",
             "recovery (failure → back at the failed step)",
             "of which detect",
+            "takeover",
             "restart",
             "alloc",
+            "ranks came back",
             "ends with the failure-free state digest",
         ],
         rows,

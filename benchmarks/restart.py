@@ -115,6 +115,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
                         "overrides": overrides,
                         "outcome": summary["outcome"],
                         "digest": summary["state_digest"],
+                        "startup_s": summary.get("startup_s"),
                         "recovery": recs[0] if len(recs) == 1 else None,
                         "recoveries": len(recs),
                     }

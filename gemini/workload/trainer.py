@@ -452,7 +452,10 @@ def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException
         print(f"rank {who.rank}: cannot restart in place: teardown {why}", flush=True)
         return False
     store = Store.for_job(job)
-    stopped = isinstance(error, Stopped) or store.exists(keys.stop(gen))
+    # Whether the root's stop or its own broken collective ended the generation
+    # (the flag is the reporter's to read: one reader per process says what
+    # it refuses).
+    stopped = isinstance(error, Stopped)
     store.set_json(
         keys.parked(gen, who.rank),
         {
