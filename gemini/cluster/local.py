@@ -63,14 +63,15 @@ def sweep_stale_segments() -> list[str]:
     return freed
 
 
-def start_standby(
-    job_path: str, k: int, log_dir: Path, env: dict[str, str]
+def spawn_node(
+    job_path: str, role: str, index: int, log_dir: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start standby node ``k``'s launcher in a session of its own on this machine."""
+    """Start a node launcher (``role`` ``node`` or ``standby``, number ``index``) in a
+    session of its own on this machine."""
     return spawn_module(
         "gemini.cluster.node",
-        ["--job", job_path, "--standby", str(k)],
-        log_path=log_dir / f"standby{k}.log",
+        ["--job", job_path, f"--{role}", str(index)],
+        log_path=log_dir / f"{role}{index}.log",
         new_session=True,
         env=env,
     )
@@ -107,16 +108,10 @@ class LocalCluster(ClusterBase):
     def _start_standby(self) -> None:
         k = self.standbys_started
         self.standbys_started += 1
-        self.standbys[k] = start_standby(self.job_path, k, self.log_dir, self.env)
+        self.standbys[k] = spawn_node(self.job_path, "standby", k, self.log_dir, self.env)
 
     def _start_node(self, node: int) -> None:
-        self.nodes[node] = spawn_module(
-            "gemini.cluster.node",
-            ["--job", self.job_path, "--node", str(node)],
-            log_path=self.log_dir / f"node{node}.log",
-            new_session=True,
-            env=self.env,
-        )
+        self.nodes[node] = spawn_node(self.job_path, "node", node, self.log_dir, self.env)
         self.store.set_json(keys.launcher(node), {"pid": self.nodes[node].pid})
 
     def kill_nodes(

@@ -93,6 +93,7 @@ class RootAgent:
         # (``rank_live_gen``): a new trainer is judged from its own start.
         self.rank_live = Liveness()
         self.rank_live_gen = -1
+        self.hang_checked = 0.0
         self.job_progress = Liveness()
         """The furthest step any rank reported (one entry), and when it last moved."""
         self.gen = int(self.store.get_json_or(keys.GEN, 0))
@@ -333,7 +334,12 @@ class RootAgent:
             killed = [r for r, e in exits.items() if e["code"] < 0 and e["code"] != -15]
             crashed = [r for r, e in exits.items() if e["code"] != 0]
             now = time.monotonic()
-            hung = [] if dead or killed else self.hung_ranks(exits, dead, finals)
+            # The watchdog's reads (every rank's progress and beat) once per
+            # beat, not every turn: hangs are judged over seconds.
+            judge = now - self.hang_checked >= self.cfg.cluster.heartbeat_s
+            hung = [] if dead or killed or not judge else self.hung_ranks(exits, dead, finals)
+            if judge:
+                self.hang_checked = now
             if dead or killed:
                 self.on_failure(dead, killed, exits)
                 suspicious_since = None

@@ -43,7 +43,6 @@ from gemini.cluster.job import JobSpec
 from gemini.cluster.processes import (
     free_run,
     kill_tree,
-    spawn_module,
     terminate_tree,
 )
 from gemini.cluster.store import Store
@@ -250,15 +249,10 @@ def start_node(
     """Start node ``node``'s launcher in a session of its own on this machine,
     after freeing whatever memory a previous holder of the index left here."""
     from gemini.checkpoint.slot import unlink_prefix
+    from gemini.cluster.local import spawn_node
 
     unlink_prefix(f"gemini-{job.run_id}-n{node}-")
-    return spawn_module(
-        "gemini.cluster.node",
-        ["--job", job_path, "--node", str(node)],
-        log_path=log_dir / f"node{node}.log",
-        new_session=True,
-        env=env,
-    )
+    return spawn_node(job_path, "node", node, log_dir, env)
 
 
 # -- the other tasks ------------------------------------------------------------------
@@ -345,9 +339,9 @@ def serve_task(cfg: GeminiConfig, job_dir: Path, task: TaskEnv) -> dict[str, Any
     standby = task.rank - cfg.cluster.nodes
     warm: subprocess.Popen[bytes] | None = None
     if standby >= 0:
-        from gemini.cluster.local import start_standby
+        from gemini.cluster.local import spawn_node
 
-        warm = start_standby(job_path, standby, log_dir, env)
+        warm = spawn_node(job_path, "standby", standby, log_dir, env)
     try:
         while True:
             try:
