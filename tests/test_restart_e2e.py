@@ -55,6 +55,8 @@ def test_survivors_of_a_software_failure_restart_in_place_and_end_exact(
     # through it and came back in the same process, from its own memory.
     assert restarts(rec) == {0: "in_place", 1: "spare"}
     assert rec["in_place_ranks"] == [0]
+    # Both loaded into a model they held: the survivor's own, the spare's prebuilt.
+    assert rec["model_reused_ranks"] == [0, 1]
     assert set(rec["rank_sources"].values()) == {"local"}
     assert rec["takeover_s"] == 0.0
 
@@ -75,6 +77,9 @@ def test_a_lost_node_is_taken_over_by_a_warm_standby_and_the_job_ends_exact(
     # The standby's pre-started trainer is the lost node's rank; the survivor
     # restarted in place.
     assert restarts(rec) == {0: "in_place", 1: "standby"}
+    assert rec["model_reused_ranks"] == [0, 1]
+    # The standby had allocated and touched its slots while it waited.
+    assert rec["pooled_slot_ranks"] == [1]
     assert rec["rank_sources"]["1"] == "peer:0"
     assert rec["takeover_s"] > 0
     layout = summary["cluster_layout"]

@@ -318,3 +318,34 @@ def test_view_state_is_verified_and_zero_copy(slots: sl.SlotSet) -> None:
     assert not torch.equal(views[w.name], expected[w.name])
     with pytest.raises(fmt.ChecksumError):
         slots.view_state(idx)
+
+
+def test_a_renamed_segment_keeps_its_memory_and_a_bigger_slot_holds_a_smaller_state(
+    prefix: str,
+) -> None:
+    # A standby node allocates its slots before it knows which ranks they are
+    # for, each as large as the largest rank's; its takeover renames them.
+    cap = sl.manifest_capacity_for(8, _NBYTES, _CHUNK)
+    ss = sl.SlotSet.create(prefix + "pool0", 2 * _NBYTES, cap, touch=True)
+    try:
+        ss.rename(prefix + "r1")
+        assert sl.list_segments(prefix) == [prefix + "r1"]
+        idx = write_step(ss, 5)
+        # Another process opening the new name reads the same memory.
+        reader = child(
+            """
+            ss = sl.SlotSet.open(sys.argv[1])
+            print(ss.newest_complete()[0], ss.verify(ss.newest_complete()[1]).data_nbytes)
+            """,
+            prefix + "r1",
+        )
+        out, _ = reader.communicate(timeout=120)
+        assert out.split() == ["5", str(_NBYTES)]
+        assert_state_is_step(ss, idx, 5)
+        # Never over an existing segment: that name is someone's slots.
+        sl.SlotSet.create(prefix + "taken", 64, 4096).close()
+        with pytest.raises(sl.SlotError, match="already exists"):
+            ss.rename(prefix + "taken")
+        assert ss.name == prefix + "r1"
+    finally:
+        ss.close()

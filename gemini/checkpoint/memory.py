@@ -84,9 +84,12 @@ def check_shm_budget(cfg: GeminiConfig, nodes_here: int | None = None) -> None:
     """Refuse, before allocating anything, a layout /dev/shm cannot hold.
 
     Each node holds two slots for each of its own ranks and for each rank it
-    keeps a replica of: ``m`` copies' worth per rank. ``nodes_here``: the
-    nodes this machine runs (all of them locally; on SLURM, its tasks')."""
-    here = cfg.cluster.nodes if nodes_here is None else nodes_here
+    keeps a replica of: ``m`` copies' worth per rank, and a standby node as
+    much as any node (it allocates its slots before it takes an index over).
+    ``nodes_here``: the nodes this machine runs, standbys included (all of
+    them locally; on SLURM, its tasks')."""
+    c = cfg.cluster
+    here = c.nodes + c.standby_nodes if nodes_here is None else nodes_here
     world = here * cfg.cluster.ranks_per_node
     m = cfg.backend.replication.factor if cfg.backend.name == "replicated" else 1
     per_rank = estimate_rank_bytes(cfg)
@@ -102,7 +105,8 @@ def check_shm_budget(cfg: GeminiConfig, nodes_here: int | None = None) -> None:
             f"the slots need {need / 2**30:.1f} GiB of /dev/shm "
             f"({world} ranks x {m} copies x 2 slots x "
             f"{per_rank / 2**20:.0f} MiB) but {available / 2**30:.1f} GiB is available: lower "
-            "backend.replication.factor, or use a smaller model or fewer ranks",
+            "backend.replication.factor, or use a smaller model, fewer ranks or "
+            "fewer cluster.standby_nodes",
         )
 
 
@@ -144,6 +148,7 @@ class MemoryBackend(CheckpointBackend):
         self.store.set_json(keys.ckpt_size(self.ctx.rank), size)
         nodes = [self.ctx.node, *self.holders]
         touch = 0.0
+        pooled = False
         deadline = time.monotonic() + 120
         for n in nodes:
             while True:
@@ -151,6 +156,7 @@ class MemoryBackend(CheckpointBackend):
                 ready = self.store.get_json_or(keys.ckpt_ready(n, self.ctx.rank))
                 if ready is not None and inc is not None and ready["incarnation"] == inc:
                     touch = max(touch, float(ready.get("touch_s", 0.0)))
+                    pooled = pooled or (n == self.ctx.node and bool(ready.get("pooled")))
                     break
                 if time.monotonic() > deadline:
                     raise CheckpointError(
@@ -161,7 +167,9 @@ class MemoryBackend(CheckpointBackend):
         self.slots = SlotSet.open(name, populate=True)
         if self.cfg.backend.persist_every_s > 0 or self.cfg.backend.persist_every_n > 0:
             self._disk = _disk_store(self.ctx)
-        return {"ckpt_alloc_s": touch, "ckpt_capacity_bytes": nbytes}
+        # ckpt_slots_pooled: the local slots were allocated by a standby node
+        # before it took this node's index over.
+        return {"ckpt_alloc_s": touch, "ckpt_capacity_bytes": nbytes, "ckpt_slots_pooled": pooled}
 
     # -- per step ---------------------------------------------------------------
     def _snapshot(self, step: int, state: TrainState, timing: SnapshotTiming) -> None:

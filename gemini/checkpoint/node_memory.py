@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gemini.checkpoint.slot import SlotError, SlotSet, shm_name
+from gemini.checkpoint.slot import SlotError, SlotSet, shm_name, standby_prefix
 from gemini.cluster import keys
 
 if TYPE_CHECKING:
@@ -103,9 +103,59 @@ class _SlotTarget:
         self._done()
 
 
+def slots_per_node(job: JobSpec) -> int:
+    """How many slot sets any node holds: its own ranks' and the replicas'."""
+    from gemini.checkpoint.memory import held_sources
+
+    cfg = job.cfg
+    most = max(len(held_sources(cfg, n)) for n in range(cfg.cluster.nodes))
+    return most * cfg.cluster.ranks_per_node
+
+
+def allocate_standby_slots(job: JobSpec, k: int, store: Store) -> list[SlotSet] | None:
+    """A standby node's slots, allocated and touched before it has an index.
+
+    Which ranks' slots a node holds depends on its index, but how many it
+    holds does not, and every rank announces its checkpoint size in the
+    first generation: the standby allocates that many slot sets, each as
+    large as the largest rank's, under its own names. A takeover renames
+    them to the index's (:class:`MemoryServices`). None while a size is
+    still unknown; empty for backends without slots.
+    """
+    if job.cfg.backend.name not in ("memory", "replicated"):
+        return []
+    world = job.cfg.cluster.nodes * job.cfg.cluster.ranks_per_node
+    sizes = [store.get_json_or(keys.ckpt_size(r)) for r in range(world)]
+    if any(s is None for s in sizes):
+        return None
+    data = max(int(s["data"]) for s in sizes if s is not None)
+    manifest = max(int(s["manifest"]) for s in sizes if s is not None)
+    out: list[SlotSet] = []
+    try:
+        for i in range(slots_per_node(job)):
+            name = f"{standby_prefix(job.run_id, k)}{i}"
+            out.append(SlotSet.create(name, data, manifest, touch=True))
+    except BaseException:
+        release_slots(out)
+        raise
+    return out
+
+
+def release_slots(sets: list[SlotSet]) -> None:
+    """Unmap and unlink slot sets nobody else uses."""
+    for slots in sets:
+        slots.close()
+        slots.unlink()
+    sets.clear()
+
+
 class MemoryServices(AgentServices):
-    def __init__(self, job: JobSpec, node: int, store: Store) -> None:
+    def __init__(
+        self, job: JobSpec, node: int, store: Store, pool: list[SlotSet] | None = None
+    ) -> None:
         super().__init__(job, node, store)
+        self.pool = list(pool or [])
+        """Slots a standby allocated before it took this index over, to be renamed."""
         from gemini.checkpoint.memory import held_sources
 
         cfg = job.cfg
@@ -147,16 +197,33 @@ class MemoryServices(AgentServices):
             kind = "local" if self.rank_node[rank] == self.node else "replica"
             name = shm_name(self.job.run_id, self.node, rank, kind)
             t0 = time.perf_counter()
-            self.sets[rank] = SlotSet.create(
-                name, int(size["data"]), int(size["manifest"]), touch=True
-            )
+            data, manifest = int(size["data"]), int(size["manifest"])
+            ready = self._from_pool(name, data, manifest)
+            pooled = ready is not None
+            if ready is None:
+                ready = SlotSet.create(name, data, manifest, touch=True)
+            self.sets[rank] = ready
             if self.incarnation is None:
                 self.incarnation = self.store.get_json(keys.agent(self.node))["incarnation"]
             self.store.set_json(
                 keys.ckpt_ready(self.node, rank),
-                {"incarnation": self.incarnation, "touch_s": time.perf_counter() - t0},
+                {
+                    "incarnation": self.incarnation,
+                    "touch_s": time.perf_counter() - t0,
+                    "pooled": pooled,
+                },
             )
+        if self.pool and len(self.sets) == len(self.ranks):
+            release_slots(self.pool)  # more than this index needs
         super().tick()
+
+    def _from_pool(self, name: str, data: int, manifest: int) -> SlotSet | None:
+        """A pre-allocated slot set large enough for the rank, renamed to ``name``."""
+        for i, slots in enumerate(self.pool):
+            if slots.data_capacity >= data and slots.manifest_capacity >= manifest:
+                slots.rename(name)
+                return self.pool.pop(i)
+        return None
 
     def inventory(self) -> dict[str, list[list[int]]]:
         out: dict[str, list[list[int]]] = {}
@@ -215,11 +282,16 @@ class MemoryServices(AgentServices):
             self.server.close()
         for slots in self.sets.values():
             slots.close()
+        release_slots(self.pool)
 
 
-def make_agent_services(job: JobSpec, node: int, store: Store) -> AgentServices:
+def make_agent_services(
+    job: JobSpec, node: int, store: Store, pool: list[SlotSet] | None = None
+) -> AgentServices:
+    """The services ``job``'s backend needs on node ``node``; ``pool``: slots a
+    standby allocated before taking the node over."""
     if job.cfg.backend.name in ("memory", "replicated"):
-        return MemoryServices(job, node, store)
+        return MemoryServices(job, node, store, pool)
     return AgentServices(job, node, store)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "shm_available_bytes",
     "shm_name",
     "slot_bytes",
+    "standby_prefix",
     "unlink_prefix",
 ]
 
@@ -157,6 +158,11 @@ def manifest_capacity_for(
 def shm_name(run_id: str, node: int, source_rank: int, holder_kind: str) -> str:
     """Segment name of ``source_rank``'s slots held on ``node`` (kind e.g. local/peer)."""
     return _check_name(f"gemini-{run_id}-n{node}-r{source_rank}-{holder_kind}")
+
+
+def standby_prefix(run_id: str, k: int) -> str:
+    """Name prefix of the slots standby node ``k`` allocates before it has an index."""
+    return _check_name(f"gemini-{run_id}-s{k}-")
 
 
 def _check_name(name: str) -> str:
@@ -355,6 +361,19 @@ class SlotSet:
         # is left to be freed when the last view is garbage-collected.
         with contextlib.suppress(BufferError):
             mm.close()
+
+    def rename(self, name: str) -> None:
+        """Give the segment a new name (never over an existing one); the mapping,
+        and what was touched, stays. How a standby node's slots, allocated
+        before it knew its index, become the index's slots."""
+        _check_name(name)
+        try:
+            # link() refuses an existing target, where rename() would replace it.
+            os.link(SHM_DIR / self.name, SHM_DIR / name)
+        except FileExistsError:
+            raise SlotError(f"segment {name!r} already exists in {SHM_DIR}") from None
+        os.unlink(SHM_DIR / self.name)
+        self.name = name
 
     def unlink(self) -> None:
         """Remove the segment's name; memory is freed when the last mapping goes."""

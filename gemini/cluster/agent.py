@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -30,6 +30,9 @@ from gemini.cluster.job import JobSpec
 from gemini.cluster.orders import Inbox
 from gemini.cluster.processes import spawn_module, terminate_tree
 from gemini.cluster.store import Store
+
+if TYPE_CHECKING:
+    from gemini.checkpoint.slot import SlotSet
 
 # A spare's exit status when this host cannot return it from idle priority
 # (kept in step with gemini.workload.trainer, which imports torch).
@@ -78,9 +81,15 @@ class Heartbeat:
 
 class WorkerAgent:
     def __init__(
-        self, job: JobSpec, node: int, pool: list[subprocess.Popen[bytes]] | None = None
+        self,
+        job: JobSpec,
+        node: int,
+        pool: list[subprocess.Popen[bytes]] | None = None,
+        slot_pool: list[SlotSet] | None = None,
     ) -> None:
         self.job, self.node = job, node
+        self.slot_pool = slot_pool
+        """A standby's pre-allocated checkpoint slots, for this node's services."""
         self.cfg = job.cfg
         self.store = Store.for_job(job)
         self.rpn = self.cfg.cluster.ranks_per_node
@@ -122,7 +131,7 @@ class WorkerAgent:
         """The node's checkpoint services; their address goes into the registration."""
         from gemini.checkpoint.node_memory import make_agent_services
 
-        self.services = make_agent_services(self.job, self.node, self.store)
+        self.services = make_agent_services(self.job, self.node, self.store, self.slot_pool)
         return dict(self.services.start())
 
     def run(self) -> int:
@@ -501,6 +510,9 @@ class StandbyNode:
         self.job, self.k = job, k
         self.store = Store.for_job(job)
         self.pool: list[subprocess.Popen[bytes]] = []
+        self.slots: list[SlotSet] | None = None
+        """Checkpoint slots allocated and touched while standing by (once every
+        rank has announced its checkpoint size); renamed at a takeover."""
         self._stopping = False
 
     def start_pool(self) -> None:
@@ -536,6 +548,15 @@ class StandbyNode:
                 ):
                     info.update(warm=True, t_warm=time.time())
                     self.store.set_json(keys.standby(self.k), info)
+                if self.slots is None:
+                    # The agent imports checkpoint code (and torch) only once needed.
+                    from gemini.checkpoint.node_memory import allocate_standby_slots
+
+                    self.slots = allocate_standby_slots(self.job, self.k, self.store)
+                    if self.slots is not None:
+                        touch = sum(s.touch_s for s in self.slots)
+                        info.update(slots=len(self.slots), slots_touch_s=touch)
+                        self.store.set_json(keys.standby(self.k), info)
                 time.sleep(0.1)
             return None
         finally:
@@ -545,6 +566,10 @@ class StandbyNode:
         for proc in self.pool:
             if proc.poll() is None:
                 terminate_tree(proc.pid, grace_s=1.0)
+        if self.slots:
+            from gemini.checkpoint.node_memory import release_slots
+
+            release_slots(self.slots)
 
     def request_stop(self, *_: Any) -> None:
         self._stopping = True
@@ -577,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         from gemini.checkpoint.slot import unlink_prefix
 
         unlink_prefix(f"gemini-{job.run_id}-n{node}-")
-    agent = WorkerAgent(job, node, pool)
+    agent = WorkerAgent(job, node, pool, standby.slots if a.standby is not None else None)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     with contextlib.suppress(KeyboardInterrupt):

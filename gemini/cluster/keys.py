@@ -285,7 +285,8 @@ TABLE: tuple[Key, ...] = (
         True,
         _A,
         f"{_R}, {_C}",
-        "JSON: standby node k is up (pid; warm once its trainers are)",
+        "JSON: standby node k is up (pid; warm once its trainers are; its pre-allocated "
+        "slots once every rank's size is known)",
     ),
     Key(
         "standby/{k}/warm/{j}",
@@ -416,8 +417,8 @@ TABLE: tuple[Key, ...] = (
         True,
         _A,
         f"{_T}, {_R}",
-        "JSON: node i allocated rank r's slots (incarnation, touch time); the root waits for a "
-        "new node's (alloc_s)",
+        "JSON: node i allocated rank r's slots (incarnation, touch time, whether a standby "
+        "had allocated them before its takeover); the root waits for a new node's (alloc_s)",
     ),
 )
 

@@ -349,6 +349,13 @@ class Recovery:
             for r, v in readies.items()
         }
         rec["in_place_ranks"] = sorted(r for r, h in how.items() if h == "in_place")
+        # Ranks that loaded into a model their process already held (a
+        # survivor's, or one a spare built while it waited) instead of building one.
+        rec["model_reused_ranks"] = sorted(r for r, v in readies.items() if v.get("model_reused"))
+        # Ranks whose local slots a standby node allocated before its takeover.
+        rec["pooled_slot_ranks"] = sorted(
+            r for r, v in readies.items() if v.get("ckpt_slots_pooled")
+        )
         # Each rank's own durations, for the one that held the others up.
         rec["rank_retrieve_s"] = {str(r): v.get("retrieve_s", 0.0) for r, v in readies.items()}
         rec["rank_load_s"] = {str(r): v.get("load_s", 0.0) for r, v in readies.items()}

@@ -133,7 +133,9 @@ def check_task_host(cfg: GeminiConfig, task: TaskEnv) -> None:
     if cfg.backend.name in ("memory", "replicated"):
         from gemini.checkpoint.memory import check_shm_budget
 
-        check_shm_budget(cfg, here)
+        # A standby takes no CPU while it waits, but holds its slots.
+        c = cfg.cluster
+        check_shm_budget(cfg, min(task.tasks_on_host, c.nodes + c.standby_nodes))
 
 
 class SlurmCluster(ClusterBase):
@@ -364,18 +366,23 @@ def serve_task(cfg: GeminiConfig, job_dir: Path, task: TaskEnv) -> dict[str, Any
                 nodes_run.append(node)
             time.sleep(0.2)
     finally:
-        stop_nodes(job, warm if node_proc is None else node_proc, nodes_run)
+        stop_nodes(job, warm if node_proc is None else node_proc, nodes_run, standby)
         with contextlib.suppress(Exception):
             store.set_json(keys.slurm_exit(task.rank), {"nodes": nodes_run, "t": time.time()})
     return {"task": task.rank, "nodes": nodes_run}
 
 
-def stop_nodes(job: JobSpec, proc: subprocess.Popen[bytes] | None, nodes: list[int]) -> None:
+def stop_nodes(
+    job: JobSpec, proc: subprocess.Popen[bytes] | None, nodes: list[int], standby: int = -1
+) -> None:
     """Stop this task's node (its launcher takes its tree down on SIGTERM) and free
-    what any node this task ran left in this machine's shared memory."""
-    from gemini.checkpoint.slot import unlink_prefix
+    what any node this task ran, or its standby (``standby`` ≥ 0), left in this
+    machine's shared memory."""
+    from gemini.checkpoint.slot import standby_prefix, unlink_prefix
 
     if proc is not None and proc.poll() is None:
         terminate_tree(proc.pid, grace_s=5.0)
     for node in nodes:
         unlink_prefix(f"gemini-{job.run_id}-n{node}-")
+    if standby >= 0:
+        unlink_prefix(standby_prefix(job.run_id, standby))

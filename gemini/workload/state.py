@@ -100,12 +100,34 @@ def place_optimizer_state(
 class TrainState:
     """Everything one rank needs to resume exactly, and how to (de)serialise it."""
 
-    def __init__(self, cfg: GeminiConfig, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: GeminiConfig,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        module: nn.Module | None = None,
+    ) -> None:
+        """``module``: a model this process built before (a previous generation's,
+        or a spare's, built while it waited) to train instead of building one.
+
+        Only for a state about to be loaded from a checkpoint: its weights are
+        whatever they were, and the load overwrites every one of them. The
+        optimizer, its schedule and the DDP wrapper are always new: they hold
+        the process group of the generation that built them.
+        """
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         if device.type == "cuda":
             make_cuda_deterministic()
         t = cfg.train
-        self.module: nn.Module = build_model(cfg.model, t.seed).to(device)
+        if module is None:
+            module = build_model(cfg.model, t.seed)
+        else:
+            # A failure mid-backward leaves partial gradients behind; the next
+            # backward would add to them.
+            for p in module.parameters():
+                p.grad = None
+        self.module: nn.Module = module.to(device)
         self.params = list(self.module.parameters())
         self.param_names = [n for n, _ in self.module.named_parameters()]
         distributed = dist.is_available() and dist.is_initialized()

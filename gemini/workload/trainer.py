@@ -366,23 +366,42 @@ class Identity:
     local_rank: int
 
 
-def train(job: JobSpec, who: Identity, gen: int, how: str = "fresh") -> int:
+@dataclass
+class Kept:
+    """What a process carries from one generation to the next."""
+
+    module: torch.nn.Module | None = None
+    """The model it trained (or, for a spare, built while it waited): a
+    generation that restores a checkpoint loads into it instead of building
+    one, as a survivor restarting in place keeps its model."""
+
+
+def train(
+    job: JobSpec, who: Identity, gen: int, how: str = "fresh", kept: Kept | None = None
+) -> int:
     """Run one rank of one generation to the end of training (or its failure).
 
     ``how`` says how this process came to the generation (``fresh``, ``spare``,
     ``in_place``), for the recovery record. On a failure the exception leaves
     with the process group still up: :func:`leave_generation` tears it down.
+    ``kept`` carries the model across generations of one process.
     """
     from gemini.workload.state import TrainState
 
     cfg = job.cfg
+    kept = Kept() if kept is None else kept
     torch.set_num_threads(cfg.cluster.threads_per_rank)
     me, ready = rendezvous(job, who.node, who.rank, who.local_rank, gen)
     ready["restart"] = how
     backend: CheckpointBackend | None = None
     reporter: Reporter | None = None
     try:
-        state = TrainState(cfg, who.rank, me.world, me.device)
+        # A generation that starts from step 0 needs the seeded initial
+        # weights (and the RNG state building them leaves): it builds anew.
+        reuse = kept.module if int(me.plan.get("start_step", 0)) > 0 else None
+        ready["model_reused"] = reuse is not None
+        state = TrainState(cfg, who.rank, me.world, me.device, module=reuse)
+        kept.module = state.module
         ctx = BackendContext(
             job, who.node, who.rank, who.local_rank, me.world, config_hash(cfg), generation=gen
         )
@@ -494,17 +513,23 @@ def await_handover(default: Identity | None) -> tuple[int, Identity, str] | None
     return int(msg["gen"]), who, str(msg.get("how", "spare"))
 
 
-def serve(job: JobSpec, who: Identity, gen: int, how: str) -> int:
+def serve(
+    job: JobSpec, who: Identity, gen: int, how: str, module: torch.nn.Module | None = None
+) -> int:
     """Train generation after generation in this process (``cluster.restart=in_place``).
+
+    ``module``: a model built in advance (a spare's), trained if the first
+    generation restores a checkpoint; later generations reuse the last one's.
 
     A failed generation is left (:func:`leave_generation`) and the process
     waits for the agent to hand it the next one; with ``restart=process`` it
     exits instead, as every trainer did before in-place restarts.
     """
     in_place = job.cfg.cluster.restart == "in_place"
+    kept = Kept(module)
     while True:
         try:
-            return train(job, who, gen, how)
+            return train(job, who, gen, how, kept)
         except Exception as e:
             if not in_place:
                 raise
@@ -512,8 +537,8 @@ def serve(job: JobSpec, who: Identity, gen: int, how: str) -> int:
             if not leave_generation(job, who, gen, e):
                 # Straight out: finalizers could block on the same broken state.
                 os._exit(1)
-        # Drop what the failed generation built (its model, optimizer, backend)
-        # before the next one builds its own.
+        # Drop what the failed generation built (its optimizer, backend, DDP
+        # wrapper; the model stays in ``kept``) before the next one builds its own.
         gc.collect()
         got = await_handover(who)
         if got is None:
@@ -560,6 +585,14 @@ def warm_up_imports() -> None:
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 
 
+def build_spare_model(cfg: GeminiConfig) -> torch.nn.Module:
+    """The model, built as every rank builds it, for a spare to hold until it is needed."""
+    from gemini.workload.models import build_model
+
+    torch.set_num_threads(cfg.cluster.threads_per_rank)
+    return build_model(cfg.model, cfg.train.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--job", required=True)
@@ -581,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     # The agent stops a generation with SIGTERM: exit at once, quietly.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     gen, how = a.gen, "fresh"
+    module: torch.nn.Module | None = None
     who = Identity(a.node, a.rank, a.local_rank)
     if a.standby:
         # A warm spare: the interpreter and torch are loaded while the current
@@ -591,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         if not _set_idle(True):
             return SPARE_UNSUPPORTED
         warm_up_imports()
+        # The model too: a spare handed a generation that restores a
+        # checkpoint loads into it instead of building one then.
+        module = build_spare_model(JobSpec.load(a.job).cfg)
         # Back to normal priority before waiting: waiting costs no CPU, and a
         # process still at idle priority when it is handed a generation may
         # not get the CPU to even read it while the host is busy.
@@ -611,12 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     # starts it only once it has a rank, or it would beat for one it may never
     # take. A process restarting in place keeps its rank, and its beat.
     if job.cfg.cluster.hang_timeout_s <= 0:
-        return serve(job, who, gen, how)
+        return serve(job, who, gen, how, module)
     from gemini.cluster.agent import Heartbeat
 
     beat = Heartbeat(job, f"rank{who.rank}", job.cfg.cluster.heartbeat_s).start()
     try:
-        return serve(job, who, gen, how)
+        return serve(job, who, gen, how, module)
     finally:
         # Joined before the interpreter exits: a thread still inside a store
         # call at exit aborts the process (SIGABRT), which the root would
