@@ -522,3 +522,23 @@ def test_background_write_failure_surfaces_by_close(tmp_path: Path) -> None:
         backend.wait()
         backend.close()
     backend.close()
+
+
+def test_a_failed_generation_abandons_its_write_in_flight_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    # A survivor restarting in place closes its backend with abandon=True: a
+    # write still in flight stops at its next chunk and removes what it
+    # wrote, as in a process that died, instead of holding up the recovery.
+    config = tiny_config("background", tmp_path)
+    state = stepped_state(config, tmp_path)
+    nbytes = fmt.layout(state.tensors())[1]
+    config["backend"]["bandwidth_gbps"] = nbytes * 8 / 60.0 / 1e9  # ~60 s per write
+    backend = make_backend(config, tmp_path)
+    backend.snapshot(1, state)
+    assert backend.wait() is not None  # the copy is done; the write goes on
+    backend.close(abandon=True)
+    assert backend.last_persisted is None
+    assert backend.store.rank_steps(0) == []
+    step_dir = backend.store.step_dir(1)
+    assert not step_dir.exists() or list(step_dir.iterdir()) == []

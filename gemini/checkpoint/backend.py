@@ -168,10 +168,18 @@ class CheckpointBackend(ABC):
             raise CheckpointError(f"{self.name}: asked for step {step}, got {out.step}")
         return out
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Release the backend; a write to storage still in flight is finished first.
+
+        ``abandon=True`` (its generation failed and the process restarts in
+        place): such a write stops at its next chunk instead and removes what
+        it wrote, as it would have in a process that died, so that a survivor
+        never holds up the recovery for storage. The checkpoints already
+        complete, in memory and in storage, are what the recovery plans from.
+        """
         if not self._closed:
             self._closed = True
-            self._close()
+            self._close(abandon)
 
     # -- hooks ----------------------------------------------------------------
     @abstractmethod
@@ -189,7 +197,7 @@ class CheckpointBackend(ABC):
     def _prepare(self, state: TrainState) -> dict[str, Any]:
         return {}
 
-    def _close(self) -> None:
+    def _close(self, abandon: bool) -> None:
         return None
 
 

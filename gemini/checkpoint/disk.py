@@ -245,6 +245,10 @@ def uses_storage(cfg: GeminiConfig) -> bool:
 
 
 # -- the store ------------------------------------------------------------------
+class WriteAbandoned(CheckpointError):
+    """A write stopped half-way because its generation failed (``DiskStore.abandon``)."""
+
+
 class DiskStore:
     """Layout: ``<root>/<run_id>/step_<step:08d>/rank_<rank:05d>.bin`` (+ ``.json`` manifest).
 
@@ -276,6 +280,9 @@ class DiskStore:
         self.bandwidth_gbps = float(bandwidth_gbps)
         self.keep_last = int(keep_last)
         self.drop_cache = drop_cache
+        self.abandon = threading.Event()
+        """Set when the writer's generation failed: a write in flight stops at its
+        next chunk (:class:`WriteAbandoned`), leaving no file behind."""
 
     # -- paths ------------------------------------------------------------
     def step_dir(self, step: int) -> Path:
@@ -351,6 +358,8 @@ class DiskStore:
             writeback = _Writeback(fd, drop=self.drop_cache)
             off, n = 0, mv.nbytes
             while off < n:
+                if self.abandon.is_set():
+                    raise WriteAbandoned(f"disk: write of {path.name} abandoned at byte {off}")
                 k = os.write(fd, mv[off : off + chunk])
                 writeback.wrote(off, k)
                 off += k
@@ -718,9 +727,14 @@ class DiskBackend(CheckpointBackend):
             retrieve_s=0.0,
         )
 
-    def _close(self) -> None:
+    def _close(self, abandon: bool) -> None:
         try:
-            self._join_worker()  # the last checkpoint must reach storage
+            if abandon:
+                self.store.abandon.set()
+                with contextlib.suppress(CheckpointError):
+                    self._join_worker()
+            else:
+                self._join_worker()  # the last checkpoint must reach storage
         finally:
             self._staging = None
 

@@ -349,7 +349,9 @@ class MemoryBackend(CheckpointBackend):
         host, port = info["transport"].rsplit(":", 1)
         return TransportClient(host, int(port), self.ctx.job.secret(), timeout_s=60.0)
 
-    def _close(self) -> None:
+    def _close(self, abandon: bool) -> None:
+        if abandon and self._disk is not None:
+            self._disk.abandon.set()
         for t in (self._thread, self._persist_thread):
             if t is not None:
                 t.join()
@@ -380,8 +382,8 @@ class ReplicatedBackend(MemoryBackend):
         timing.replicate_s = time.perf_counter() - t0
         super()._after_commit(idx, manifest, timing)
 
-    def _close(self) -> None:
-        super()._close()
+    def _close(self, abandon: bool) -> None:
+        super()._close(abandon)
         for c in self.clients.values():
             c.close()
 

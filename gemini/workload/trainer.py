@@ -395,6 +395,7 @@ def train(
     ready["restart"] = how
     backend: CheckpointBackend | None = None
     reporter: Reporter | None = None
+    failed = True
     try:
         # A generation that starts from step 0 needs the seeded initial
         # weights (and the RNG state building them leaves): it builds anew.
@@ -422,11 +423,14 @@ def train(
             rec = train_step(state, backend, cadence, step)
             reporter.put({**rec, "gen": gen, "replay": step <= replay_until})
         finish(me, state, backend, reporter)
+        failed = False
     finally:
         if reporter is not None:
             reporter.close()
         if backend is not None:
-            backend.close()
+            # A failed generation does not wait for storage: a survivor that
+            # restarts in place leaves a write in flight, as a dead rank does.
+            backend.close(abandon=failed and cfg.cluster.restart == "in_place")
     dist.destroy_process_group()
     return 0
 
