@@ -135,6 +135,12 @@ class ReplicationConfig:
     """m: copies of each checkpoint in CPU memory, the local one included."""
     placement: str = "group"
     """``group`` (Algorithm 1: group if m | N, else mixed), ``mixed`` or ``ring``."""
+    profile_steps: int = 20
+    """Steps of each generation (after its first three, which pay for lazy
+    allocation) whose gradient communication is timed to find the idle spans
+    of an iteration (``idle_profiles`` in the summary; the interleaving
+    planner's input); 0 = off. Only ``replicated`` with more than one rank
+    profiles."""
 
 
 @dataclass
@@ -459,6 +465,12 @@ def check_values(cfg: GeminiConfig) -> None:
                 f"use a factor between 1 and cluster.nodes={c.nodes}",
             )
         _choice("backend.replication.placement", r.placement, ("group", "mixed", "ring"))
+    _at_least(
+        "backend.replication.profile_steps",
+        r.profile_steps,
+        0,
+        "must be >= 0 (0 = no profile)",
+    )
 
 
 HTTP_SCHEMES = ("http", "https")

@@ -401,8 +401,20 @@ def merge_reports(
         "recoveries": add_wasted(recoveries, per_rank),
         "gen": gen,
         "final_waits": [rec for recs in per_rank.values() for rec in recs if rec.get("final_wait")],
+        "idle_profiles": idle_profiles(per_rank),
         "root": root,
     }
+
+
+def idle_profiles(per_rank: dict[int, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each rank's profile of its iterations' idle spans, from its first generation
+    (a later generation profiles again; the first is the undisturbed one)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r, recs in sorted(per_rank.items()):
+        profile = next((rec["idle_profile"] for rec in recs if "idle_profile" in rec), None)
+        if profile is not None:
+            out[str(r)] = profile
+    return out
 
 
 def add_wasted(
@@ -507,6 +519,13 @@ def summarize(
         "recoveries": reports["recoveries"],
         "generations": reports["gen"],
     }
+    profiles = list(reports["idle_profiles"].values())
+    if profiles:
+        # Ranks train in lock-step: their idle spans differ only by jitter.
+        summary["idle_profiles"] = reports["idle_profiles"]
+        summary["idle_s"] = mean(p["idle_s"] for p in profiles)
+        summary["idle_cv"] = mean(p["idle_cv"] for p in profiles)
+        summary["comm_s"] = mean(p["comm_s"] for p in profiles)
     if cfg.backend.bandwidth_gbps > 0:
         summary["storage_bandwidth"] = f"emulated {cfg.backend.bandwidth_gbps} Gbit/s per node"
     if reports["recoveries"]:

@@ -78,6 +78,9 @@ RUN_METRICS = (
     "checkpoints_per_hour",
     "generations",
     "requeues",
+    "idle_s",
+    "idle_cv",
+    "comm_s",
     *(f"mean_{k}" for k in RECOVERY_METRICS),
 )
 """Run-level metrics, logged as ``run/<name>`` from ``summary.json``."""

@@ -39,6 +39,7 @@ from gemini.cluster.store import Store
 from gemini.config import GeminiConfig, config_hash
 
 if TYPE_CHECKING:
+    from gemini.workload.comm_profile import CommProfiler
     from gemini.workload.state import TrainState
 
 
@@ -305,10 +306,19 @@ def _timing_record(timing: SnapshotTiming) -> dict[str, Any]:
 
 
 def train_step(
-    state: TrainState, backend: CheckpointBackend, cadence: CadenceAgreement, step: int
+    state: TrainState,
+    backend: CheckpointBackend,
+    cadence: CadenceAgreement,
+    step: int,
+    profiler: CommProfiler | None = None,
 ) -> dict[str, Any]:
-    """One optimizer step, and the checkpoint if the cadence says so; returns its record."""
+    """One optimizer step, and the checkpoint if the cadence says so; returns its record.
+
+    ``profiler`` times the step's training communication (its first steps).
+    """
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.begin()
     loss = state.forward_backward()
     stall = 0.0
     timing: SnapshotTiming | None = None
@@ -318,7 +328,11 @@ def train_step(
         t_w = time.perf_counter()
         timing = backend.wait()
         stall += time.perf_counter() - t_w
+    t_opt = time.perf_counter()
     state.optimizer_step()
+    if profiler is not None and state.zero:
+        # ZeRO's step ends in a broadcast of every rank's updated parameters.
+        profiler.mark_busy(t_opt, time.perf_counter())
     if cadence.should_checkpoint(step):
         t_s = time.perf_counter()
         backend.snapshot(step, state)
@@ -342,7 +356,25 @@ def train_step(
         rec["ckpt_time_s"] = cost
     if timing is not None:
         rec.update(_timing_record(timing))
+    profile = profiler.end() if profiler is not None else None
+    if profile is not None:
+        rec["idle_profile"] = profile.record()
     return rec
+
+
+def comm_profiler(cfg: GeminiConfig, state: TrainState) -> CommProfiler | None:
+    """A profiler of the idle spans, installed on the model, where the run wants one:
+    ``replicated`` (the backend that interleaves), more than one rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gemini.workload.comm_profile import CommProfiler
+
+    steps = cfg.backend.replication.profile_steps
+    if cfg.backend.name != "replicated" or steps <= 0 or not isinstance(state.model, DDP):
+        return None
+    profiler = CommProfiler(steps)
+    profiler.install(state.model)
+    return profiler
 
 
 def finish(me: Rank, state: TrainState, backend: CheckpointBackend, reporter: Reporter) -> None:
@@ -403,6 +435,9 @@ def train(
         ready["model_reused"] = reuse is not None
         state = TrainState(cfg, who.rank, me.world, me.device, module=reuse)
         kept.module = state.module
+        # Before the restore's warm-up backward: DDP takes a hook only before
+        # its buckets start reducing.
+        profiler = comm_profiler(cfg, state)
         ctx = BackendContext(
             job, who.node, who.rank, who.local_rank, me.world, config_hash(cfg), generation=gen
         )
@@ -420,7 +455,7 @@ def train(
         for step in range(state.step + 1, cfg.train.steps + 1):
             if reporter.stopped.is_set():
                 raise Stopped(gen)
-            rec = train_step(state, backend, cadence, step)
+            rec = train_step(state, backend, cadence, step, profiler)
             reporter.put({**rec, "gen": gen, "replay": step <= replay_until})
         finish(me, state, backend, reporter)
         failed = False
