@@ -74,7 +74,23 @@ def plan_chunks(
     the span's budget if any byte fits. What is left after the last span's
     budget is appended to the last span.
     """
-    _check(spans_s, ckpt_bytes, copies, buffer_bytes, subbuffers, bandwidth_Bps, alpha_s, mu)
+    if not spans_s:
+        raise ValueError("spans_s: at least one idle span is needed (the end of the iteration)")
+    if any(not (s >= 0 and math.isfinite(s)) for s in spans_s):
+        raise ValueError(f"spans_s={spans_s!r}: every span must be a finite length >= 0")
+    if ckpt_bytes < 0 or copies < 0:
+        raise ValueError(f"ckpt_bytes={ckpt_bytes}, copies={copies}: must be >= 0")
+    if subbuffers < 1 or buffer_bytes < subbuffers:
+        raise ValueError(
+            f"buffer_bytes={buffer_bytes}, subbuffers={subbuffers}: need subbuffers >= 1 "
+            "and at least one byte per sub-buffer"
+        )
+    if not (bandwidth_Bps > 0 and math.isfinite(bandwidth_Bps)):
+        raise ValueError(f"bandwidth_Bps={bandwidth_Bps!r}: must be a finite rate > 0")
+    if not (alpha_s >= 0 and math.isfinite(alpha_s)):
+        raise ValueError(f"alpha_s={alpha_s!r}: must be a finite latency >= 0")
+    if not 0 < mu <= 1:
+        raise ValueError(f"mu={mu!r}: the share of each span to fill must be in (0, 1]")
     chunk = buffer_bytes // subbuffers
     # Bytes still to place in the current copy, copy after copy.
     pending = [ckpt_bytes] * copies if ckpt_bytes > 0 else []
@@ -102,32 +118,3 @@ def plan_chunks(
     while pending:
         take(last, chunk)
     return ChunkPlan(chunks, max(0.0, used[last] - spans_s[last]), used)
-
-
-def _check(
-    spans_s: list[float],
-    ckpt_bytes: int,
-    copies: int,
-    buffer_bytes: int,
-    subbuffers: int,
-    bandwidth_Bps: float,
-    alpha_s: float,
-    mu: float,
-) -> None:
-    if not spans_s:
-        raise ValueError("spans_s: at least one idle span is needed (the end of the iteration)")
-    if any(not (s >= 0 and math.isfinite(s)) for s in spans_s):
-        raise ValueError(f"spans_s={spans_s!r}: every span must be a finite length >= 0")
-    if ckpt_bytes < 0 or copies < 0:
-        raise ValueError(f"ckpt_bytes={ckpt_bytes}, copies={copies}: must be >= 0")
-    if subbuffers < 1 or buffer_bytes < subbuffers:
-        raise ValueError(
-            f"buffer_bytes={buffer_bytes}, subbuffers={subbuffers}: need subbuffers >= 1 "
-            "and at least one byte per sub-buffer"
-        )
-    if not (bandwidth_Bps > 0 and math.isfinite(bandwidth_Bps)):
-        raise ValueError(f"bandwidth_Bps={bandwidth_Bps!r}: must be a finite rate > 0")
-    if not (alpha_s >= 0 and math.isfinite(alpha_s)):
-        raise ValueError(f"alpha_s={alpha_s!r}: must be a finite latency >= 0")
-    if not 0 < mu <= 1:
-        raise ValueError(f"mu={mu!r}: the share of each span to fill must be in (0, 1]")
