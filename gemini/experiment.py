@@ -519,10 +519,10 @@ def summarize(
         "recoveries": reports["recoveries"],
         "generations": reports["gen"],
     }
-    profiles = list(reports["idle_profiles"].values())
+    profiles = list(reports.get("idle_profiles", {}).values())
     if profiles:
         # Ranks train in lock-step: their idle spans differ only by jitter.
-        summary["idle_profiles"] = reports["idle_profiles"]
+        summary["idle_profiles"] = reports.get("idle_profiles", {})
         summary["idle_s"] = mean(p["idle_s"] for p in profiles)
         summary["idle_cv"] = mean(p["idle_cv"] for p in profiles)
         summary["comm_s"] = mean(p["comm_s"] for p in profiles)
