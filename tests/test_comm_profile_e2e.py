@@ -21,7 +21,7 @@ def test_a_replicated_job_profiles_its_idle_spans_and_ends_where_an_unprofiled_o
     summary, _ = job(
         run_job, "backend=replicated", "failure=none", "backend.replication.profile_steps=5"
     )
-    # The hook divides and sums as DDP does without one: backend=none, which
+    # The hook scales and sums as DDP does without one: backend=none, which
     # profiles nothing, is the reference.
     assert summary["state_digest"] == reference.digest()
     profiles = summary["idle_profiles"]

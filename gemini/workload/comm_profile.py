@@ -12,9 +12,11 @@ iteration is its list of idle spans; averaged over the profiled iterations
 they are the planner's input, and their normalised standard deviation says
 how far the average can be trusted.
 
-The hook does what DDP does without one (divide each bucket by the world
-size, then sum it over ranks), so a profiled run ends in the same state,
-bit for bit, as one that is not.
+The hook does what DDP does without one (scale each bucket by the reciprocal
+of the world size, then sum it over ranks), so a profiled run ends in the
+same state, bit for bit, as one that is not. Scaling by ``1/world`` is not
+dividing by ``world`` in floating point once the world is not a power of
+two: DDP multiplies, so the hook must too.
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ class CommProfiler:
 
     def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         t0 = time.perf_counter()
-        # DDP's own reduction: average = divide first, then sum over ranks.
+        # DDP's own reduction: multiply by 1/world (its reducer does exactly
+        # this while copying gradients into the bucket), then sum over ranks.
         buf = bucket.buffer()
-        buf.div_(dist.get_world_size())
+        buf.mul_(1.0 / dist.get_world_size())
         fut = dist.all_reduce(buf, async_op=True).get_future()
         if not self.recording:
             return fut.then(lambda f: f.value()[0])
