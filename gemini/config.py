@@ -127,6 +127,18 @@ class ClusterConfig:
     advertise_host: str = ""
     """Address peers dial to reach an agent's transport (published through the store);
     empty = ``bind_host`` when it is a single address, else this machine's host name."""
+    network: str = "loopback"
+    """How the simulated nodes reach each other: ``loopback`` (all share this host's
+    loopback: no link to compete for) or ``netns`` (each node, standbys included, in a
+    network namespace of its own behind a capped veth link to a bridge; gloo, the
+    replication transport and heartbeats all use the node's own address). ``netns``
+    needs root and iproute2, and ``cluster.launcher=local``."""
+    link_gbps: float = 0.0
+    """With ``network=netns``: the cap of each direction of each node's link, Gbit/s
+    (a token bucket on both ends of the veth pair); 0 = uncapped."""
+    link_latency_ms: float = 0.0
+    """With ``network=netns``: one-way delay added to each node's link, ms (needs the
+    kernel's netem queueing discipline; refused where it is missing)."""
 
 
 @dataclass
@@ -301,6 +313,7 @@ PARALLELS = ("ddp", "zero")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 DEVICES = ("auto", "cpu", "cuda")
 RESTARTS = ("in_place", "process")
+NETWORKS = ("loopback", "netns")
 THEN_KINDS = ("none", "software", "hardware", "kill_during_snapshot")
 """What ``failure.then`` may be: the kinds that hit a node of the restored job."""
 
@@ -395,6 +408,7 @@ def check_values(cfg: GeminiConfig) -> None:
         )
     _choice("cluster.device", c.device, DEVICES)
     _choice("cluster.restart", c.restart, RESTARTS)
+    check_network(c)
     if c.launcher == "local":
         # On SLURM each task checks the machine it landed on (gemini.cluster.slurm).
         check_capacity(c)
@@ -471,6 +485,42 @@ def check_values(cfg: GeminiConfig) -> None:
         0,
         "must be >= 0 (0 = no profile)",
     )
+
+
+def check_network(c: ClusterConfig) -> None:
+    """The emulated network's values agree with each other and with the launcher."""
+    _choice("cluster.network", c.network, NETWORKS)
+    shaping = (("cluster.link_gbps", c.link_gbps), ("cluster.link_latency_ms", c.link_latency_ms))
+    for key, value in shaping:
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(key, value, "must be a finite number >= 0 (0 = none)")
+        if value and c.network == "loopback":
+            raise ConfigError(
+                key,
+                value,
+                "shapes an emulated link, and loopback has none: "
+                "add cluster.network=netns, or set it to 0",
+            )
+    if c.network == "loopback":
+        return
+    if c.launcher != "local":
+        raise ConfigError(
+            "cluster.network",
+            c.network,
+            "emulates the links of nodes that share one "
+            f"machine; cluster.launcher={c.launcher} nodes have real ones: use "
+            "cluster.network=loopback",
+        )
+    addresses = (("cluster.host", c.host, "127.0.0.1"), ("cluster.bind_host", c.bind_host, ""),
+                 ("cluster.advertise_host", c.advertise_host, ""))  # fmt: skip
+    for key, address, default in addresses:
+        if address != default:
+            raise ConfigError(
+                key,
+                address,
+                "is chosen by cluster.network=netns (the bridge's and each "
+                f"node's own address): set it back to its default ({default or 'empty'})",
+            )
 
 
 HTTP_SCHEMES = ("http", "https")
@@ -648,6 +698,17 @@ def check_host(cfg: GeminiConfig) -> None:
             c.host,
             f"cannot bind it here ({reason}): use an address of this machine, e.g. 127.0.0.1",
         ) from e
+    if c.network == "netns":
+        from gemini.cluster.netns import NetnsError, check_available, check_delay_available
+
+        try:
+            check_available()
+            if c.link_latency_ms:
+                check_delay_available()
+        except NetnsError as e:
+            key = "cluster.link_latency_ms" if "netem" in str(e) else "cluster.network"
+            value = c.link_latency_ms if key.endswith("ms") else c.network
+            raise ConfigError(key, value, str(e)) from None
     check_writable_path("paths.outputs", Path(cfg.paths.outputs))
     from gemini.checkpoint.disk import uses_storage
 

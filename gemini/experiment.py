@@ -148,6 +148,7 @@ class Controller:
         from gemini.checkpoint.preflight import preflight
         from gemini.cluster.base import make_cluster
         from gemini.cluster.job import JobSpec, new_secret_file
+        from gemini.cluster.netns import open_fabric
         from gemini.cluster.store import Store
         from gemini.failures import Injector
 
@@ -167,16 +168,23 @@ class Controller:
             resume=prev is not None,
             launch=self.launch,
         )
-        store = Store(
-            cfg.cluster.host, cfg.cluster.store_port, job.secret(), timeout_s=60.0, master=True
-        )
-        job.store = store_address(cfg.cluster, store.port)
-        job.save()
-        mlflow_run = self.open_tracking(job)
-        (self.job_dir / "config.resolved.yaml").write_text(
-            OmegaConf.to_yaml(OmegaConf.structured(cfg))
-        )
-        cluster = make_cluster(job, store)
+        # The emulated network, if any, exists before the store: the store
+        # binds to the fabric's bridge, where every namespace reaches it.
+        fabric = open_fabric(cfg.cluster, self.run_id)
+        try:
+            host = fabric.root_address if fabric else cfg.cluster.host
+            store = Store(host, cfg.cluster.store_port, job.secret(), timeout_s=60.0, master=True)
+            job.store = f"{host}:{store.port}" if fabric else store_address(cfg.cluster, store.port)
+            job.save()
+            mlflow_run = self.open_tracking(job)
+            (self.job_dir / "config.resolved.yaml").write_text(
+                OmegaConf.to_yaml(OmegaConf.structured(cfg))
+            )
+            cluster = make_cluster(job, store, fabric)
+        except BaseException:
+            if fabric is not None:
+                fabric.close()
+            raise
         injector = Injector(job, store, cluster)
         t0 = time.time()
         outcome = "error"

@@ -83,7 +83,7 @@ def send(fabric: Fabric, src: int, dst: int, nbytes: int) -> float:
 @pytest.fixture
 def fabric() -> Iterator[Fabric]:
     tag = uuid.uuid4().hex[:8]
-    with Fabric(tag, nodes=2, link_gbps=CAP_GBPS) as f:
+    with Fabric(tag, machines=2, link_gbps=CAP_GBPS) as f:
         yield f
     remove_stale(tag)
 
@@ -136,7 +136,7 @@ def test_a_cut_link_partitions_the_node_until_it_heals(fabric: Fabric) -> None:
 
 def test_close_removes_every_namespace_and_link() -> None:
     tag = uuid.uuid4().hex[:8]
-    f = Fabric(tag, nodes=3, link_gbps=1.0).create()
+    f = Fabric(tag, machines=3, link_gbps=1.0).create()
     names = [f.namespace(i) for i in range(3)]
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert all(n in listed for n in names)
@@ -150,6 +150,16 @@ def test_close_removes_every_namespace_and_link() -> None:
 
 def test_bad_tags_and_sizes_are_refused() -> None:
     with pytest.raises(NetnsError, match="tag"):
-        Fabric("Bad-Tag", nodes=2, link_gbps=1.0)
-    with pytest.raises(NetnsError, match="nodes"):
-        Fabric("ok", nodes=0, link_gbps=1.0)
+        Fabric("Bad-Tag", machines=2, link_gbps=1.0)
+    with pytest.raises(NetnsError, match="machines"):
+        Fabric("ok", machines=-1, link_gbps=1.0)
+
+
+def test_a_machine_added_later_joins_the_fabric_and_leaves_it_on_remove(fabric: Fabric) -> None:
+    fabric.add(5)
+    assert send(fabric, 5, 0, 1 << 20) > 0
+    with pytest.raises(NetnsError, match="free number"):
+        fabric.add(5)
+    fabric.remove(5)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert fabric.namespace(5) not in listed and fabric.namespace(0) in listed

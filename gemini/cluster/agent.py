@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -582,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     node_or_standby.add_argument("--node", type=int)
     node_or_standby.add_argument("--standby", type=int, help="start as standby node k")
     a = p.parse_args(argv)
+    # `kill -USR1 <agent pid>` writes every thread's stack to the agent's log:
+    # how a stuck recovery is diagnosed without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     job = JobSpec.load(a.job)
     pool: list[subprocess.Popen[bytes]] = []
     node = a.node

@@ -30,6 +30,7 @@ from gemini.config import LAUNCHERS, ConfigError
 
 if TYPE_CHECKING:
     from gemini.cluster.job import JobSpec
+    from gemini.cluster.netns import Fabric
     from gemini.cluster.store import Store
 
 
@@ -191,13 +192,15 @@ def _ack_time(ack: Any) -> float | None:
     return float(ack["t"]) if ack else None
 
 
-def make_cluster(job: JobSpec, store: Store) -> Cluster:
-    """The cluster ``cluster.launcher`` names (validation refused any other value)."""
+def make_cluster(job: JobSpec, store: Store, fabric: Fabric | None = None) -> Cluster:
+    """The cluster ``cluster.launcher`` names (validation refused any other value);
+    ``fabric``: the emulated network of ``cluster.network=netns`` (local only), which
+    the cluster then owns and removes at teardown."""
     launcher = job.cfg.cluster.launcher
     if launcher == "local":
         from gemini.cluster.local import LocalCluster
 
-        return LocalCluster(job, store)
+        return LocalCluster(job, store, fabric)
     if launcher == "slurm":
         from gemini.cluster.slurm import SlurmCluster, TaskEnv
 

@@ -19,8 +19,10 @@ from typing import Any
 
 from gemini.checkpoint.slot import unlink_prefix
 from gemini.cluster import keys
+from gemini.cluster.addresses import NODE_ADDRESS_ENV
 from gemini.cluster.base import ClusterBase
 from gemini.cluster.job import JobSpec
+from gemini.cluster.netns import Fabric
 from gemini.cluster.processes import (
     free_run,
     kill_tree,
@@ -64,25 +66,49 @@ def sweep_stale_segments() -> list[str]:
 
 
 def spawn_node(
-    job_path: str, role: str, index: int, log_dir: Path, env: dict[str, str]
+    job_path: str,
+    role: str,
+    index: int,
+    log_dir: Path,
+    env: dict[str, str],
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a node launcher (``role`` ``node`` or ``standby``, number ``index``) in a
-    session of its own on this machine."""
+    session of its own on this machine (``prefix``: a command that runs it elsewhere,
+    e.g. in the node's network namespace)."""
     return spawn_module(
         "gemini.cluster.node",
         ["--job", job_path, f"--{role}", str(index)],
         log_path=log_dir / f"{role}{index}.log",
         new_session=True,
         env=env,
+        prefix=prefix,
     )
+
+
+def sweep_stale_fabrics() -> list[str]:
+    """Remove the emulated networks of runs whose processes are all gone (a
+    controller killed outright cannot remove its own), as for shared memory."""
+    from gemini.cluster.netns import fabric_tags, remove_stale
+
+    gone = []
+    for tag in sorted(fabric_tags(min_age_s=60.0)):
+        if not run_processes(tag, prefix=True):
+            remove_stale(tag)
+            gone.append(tag)
+    return gone
 
 
 class LocalCluster(ClusterBase):
     """N simulated nodes and the root agent as process trees on this host
     (the methods' contracts are :class:`gemini.cluster.base.Cluster`'s)."""
 
-    def __init__(self, job: JobSpec, store: Store) -> None:
-        self.job, self.store = job, store
+    def __init__(self, job: JobSpec, store: Store, fabric: Fabric | None = None) -> None:
+        self.job, self.store, self.fabric = job, store, fabric
+        self.machine_of: dict[int, int] = {}
+        """With a fabric: the machine (namespace) each node index runs on now."""
+        self.standby_machine: dict[int, int] = {}
+        self.machines_started = 0
         self.job_path = str(Path(job.job_dir) / "job.json")
         self.log_dir = Path(job.job_dir) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -99,19 +125,40 @@ class LocalCluster(ClusterBase):
 
     def start(self) -> None:
         sweep_stale_segments()
+        if self.fabric is not None:
+            sweep_stale_fabrics()
         self.root = self.start_root()
         for n in range(self.job.cfg.cluster.nodes):
             self._start_node(n)
         for _ in range(self.job.cfg.cluster.standby_nodes):
             self._start_standby()
 
+    def _spawn(self, role: str, index: int) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a node launcher on a machine of its own: with a fabric, the next
+        machine's namespace (created here unless the fabric came with it)."""
+        machine = self.machines_started
+        self.machines_started += 1
+        if self.fabric is None:
+            return spawn_node(self.job_path, role, index, self.log_dir, self.env), machine
+        if machine not in self.fabric.members:
+            self.fabric.add(machine)
+        env = {
+            **self.env,
+            NODE_ADDRESS_ENV: self.fabric.address(machine),
+            # gloo binds to the interface it is told, not to the host name's
+            # address (which does not exist inside the namespace).
+            "GLOO_SOCKET_IFNAME": "eth0",
+        }
+        prefix = self.fabric.exec_prefix(machine)
+        return spawn_node(self.job_path, role, index, self.log_dir, env, prefix), machine
+
     def _start_standby(self) -> None:
         k = self.standbys_started
         self.standbys_started += 1
-        self.standbys[k] = spawn_node(self.job_path, "standby", k, self.log_dir, self.env)
+        self.standbys[k], self.standby_machine[k] = self._spawn("standby", k)
 
     def _start_node(self, node: int) -> None:
-        self.nodes[node] = spawn_node(self.job_path, "node", node, self.log_dir, self.env)
+        self.nodes[node], self.machine_of[node] = self._spawn("node", node)
         self.store.set_json(keys.launcher(node), {"pid": self.nodes[node].pid})
 
     def kill_nodes(
@@ -134,11 +181,16 @@ class LocalCluster(ClusterBase):
         if p is not None and p.poll() is None:
             kill_tree(p.pid)
         unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
+        if self.fabric is not None and node in self.machine_of:
+            # The lost machine goes with its link; its replacement has its own.
+            self.fabric.remove(self.machine_of.pop(node))
         standby = next((k for k, s in sorted(self.standbys.items()) if s.poll() is None), None)
         if standby is None:
             self._start_node(node)
         else:
             proc = self.standbys.pop(standby)
+            if standby in self.standby_machine:
+                self.machine_of[node] = self.standby_machine.pop(standby)
             self.store.set_json(keys.standby_takeover(standby), {"node": node, "t": time.time()})
             self.nodes[node] = proc
             self.store.set_json(keys.launcher(node), {"pid": proc.pid, "standby": standby})
@@ -175,3 +227,6 @@ class LocalCluster(ClusterBase):
         free_run(self.job.run_id)
         # Every process that needed the secret is gone.
         Path(self.job.secret_file).unlink(missing_ok=True)
+        if self.fabric is not None:
+            # Last: no process of the run is left in a namespace.
+            self.fabric.close()

@@ -34,15 +34,22 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gemini.config import ClusterConfig
 
 NETWORK = ipaddress.ip_network("198.18.0.0/15")
 """The benchmarking range (RFC 2544) every emulated link's address comes from."""
 NS_PREFIX = "gemini-"
 LOCK = Path("/run/lock/gemini-netns.lock")
 """Held while a run picks its subnet and creates its bridge (runs in parallel)."""
+MAX_MACHINES = 253
+"""Hosts .2 to .254 of a /24: the bridge has .1."""
 TBF_LATENCY_MS = 50
 """How long a packet may wait in a cap's queue before it is dropped (not a delay)."""
 
@@ -58,6 +65,22 @@ def check_available() -> None:
         raise NetnsError(f"{' and '.join(missing)} not found: install iproute2")
     if os.geteuid() != 0:
         raise NetnsError("network namespaces need root (CAP_NET_ADMIN): run as root")
+
+
+def check_delay_available() -> None:
+    """Raise NetnsError, in one line, if this kernel cannot delay packets (no netem)."""
+    probe = f"{NS_PREFIX}probe{os.getpid()}"
+    _ip("netns", "add", probe)
+    try:
+        _tc("qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", ns=probe)
+    except NetnsError:
+        raise NetnsError(
+            "this kernel has no netem queueing discipline to delay packets with: "
+            "set it to 0 (links are then capped, not delayed)"
+        ) from None
+    finally:
+        with contextlib.suppress(NetnsError):
+            _ip("netns", "del", probe)
 
 
 def _ip(*args: str, ns: str | None = None) -> str:
@@ -108,33 +131,41 @@ def _cap_args(gbps: float) -> list[str]:
 
 @dataclass
 class Fabric:
-    """A bridge and one capped, namespaced link per node, for one run."""
+    """A bridge and one capped, namespaced link per machine, for one run.
+
+    Machines are numbered by whoever uses the fabric (the local cluster gives
+    nodes 0..N-1 the first numbers and every standby, refills included, the
+    next); ``machines`` are created with it, more with :meth:`add`.
+    """
 
     tag: str
     """Short id of the run (letters and digits, at most 8): names the devices."""
-    nodes: int
+    machines: int
     link_gbps: float
-    """Cap of each direction of each node's link (0 = uncapped)."""
+    """Cap of each direction of each machine's link (0 = uncapped)."""
+    latency_ms: float = 0.0
+    """Delay added to every packet leaving a machine, ms (0 = none; needs netem)."""
     subnet: int = -1
-    namespaces: list[str] = field(default_factory=list)
+    members: list[int] = field(default_factory=list)
+    """Machines whose namespace exists, in creation order."""
     _up: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]{1,8}", self.tag):
             raise NetnsError(f"fabric tag {self.tag!r}: use 1-8 lowercase letters or digits")
-        if not 1 <= self.nodes <= 250:
-            raise NetnsError(f"{self.nodes} nodes: a fabric holds 1 to 250")
+        if not 0 <= self.machines <= MAX_MACHINES:
+            raise NetnsError(f"{self.machines} machines: a fabric holds 0 to {MAX_MACHINES}")
 
     # -- names and addresses -----------------------------------------------------
     @property
     def bridge(self) -> str:
         return f"gb{self.tag}"
 
-    def namespace(self, node: int) -> str:
-        return f"{NS_PREFIX}{self.tag}-n{node}"
+    def namespace(self, machine: int) -> str:
+        return f"{NS_PREFIX}{self.tag}-n{machine}"
 
-    def _host_end(self, node: int) -> str:
-        return f"gv{self.tag}n{node}"
+    def _host_end(self, machine: int) -> str:
+        return f"gv{self.tag}n{machine}"
 
     def _address(self, host: int) -> str:
         base = int(NETWORK.network_address) + (self.subnet << 8) + host
@@ -145,8 +176,8 @@ class Fabric:
         """The controller's address on the fabric (the bridge's)."""
         return self._address(1)
 
-    def address(self, node: int) -> str:
-        return self._address(node + 2)
+    def address(self, machine: int) -> str:
+        return self._address(machine + 2)
 
     # -- life cycle ----------------------------------------------------------------
     def create(self) -> Fabric:
@@ -163,53 +194,69 @@ class Fabric:
                 self._up = True
                 _ip("addr", "add", f"{self.root_address}/24", "dev", self.bridge)
                 _ip("link", "set", self.bridge, "up")
-            for node in range(self.nodes):
-                self._add_node(node)
+            for machine in range(self.machines):
+                self.add(machine)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _add_node(self, node: int) -> None:
-        ns, host_end = self.namespace(node), self._host_end(node)
+    def add(self, machine: int) -> None:
+        """Give ``machine`` its namespace and capped link (a standby started later)."""
+        if not 0 <= machine < MAX_MACHINES or machine in self.members:
+            raise NetnsError(f"machine {machine}: not a free number below {MAX_MACHINES}")
+        ns, host_end = self.namespace(machine), self._host_end(machine)
         _ip("netns", "add", ns)
-        self.namespaces.append(ns)
+        self.members.append(machine)
         _ip("link", "set", "lo", "up", ns=ns)
         _ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _ip("link", "set", host_end, "master", self.bridge)
-        _ip("addr", "add", f"{self.address(node)}/24", "dev", "eth0", ns=ns)
+        _ip("addr", "add", f"{self.address(machine)}/24", "dev", "eth0", ns=ns)
         _ip("link", "set", "eth0", "up", ns=ns)
         _ip("link", "set", host_end, "up")
-        if self.link_gbps > 0:
-            # Each end caps what leaves through it: both directions capped.
-            cap = _cap_args(self.link_gbps)
-            _tc("qdisc", "add", "dev", host_end, "root", "tbf", *cap)
-            _tc("qdisc", "add", "dev", "eth0", "root", "tbf", *cap, ns=ns)
+        # Each end caps what leaves through it: both directions capped. The
+        # delay is added where packets leave the node only, so a packet from
+        # one node to another is delayed once (it also leaves the bridge
+        # through the receiver's host end).
+        for dev, where in ((host_end, None), ("eth0", ns)):
+            parent = ["root"]
+            if self.latency_ms > 0 and where is not None:
+                _tc("qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay",
+                    f"{self.latency_ms}ms", ns=where)  # fmt: skip
+                parent = ["parent", "1:", "handle", "2:"]
+            if self.link_gbps > 0:
+                _tc("qdisc", "add", "dev", dev, *parent, "tbf", *_cap_args(self.link_gbps),
+                    ns=where)  # fmt: skip
 
-    def exec_prefix(self, node: int) -> list[str]:
-        """The command prefix that runs a program inside ``node``'s namespace."""
-        return ["ip", "netns", "exec", self.namespace(node)]
+    def remove(self, machine: int) -> None:
+        """Take ``machine``'s link and namespace away (its processes are gone)."""
+        if machine in self.members:
+            self.members.remove(machine)
+            # Deleting one end removes the pair now; a namespace's own
+            # interfaces go only when the kernel gets round to freeing it.
+            with contextlib.suppress(NetnsError):
+                _ip("link", "del", self._host_end(machine))
+            with contextlib.suppress(NetnsError):
+                _ip("netns", "del", self.namespace(machine))
 
-    def cut(self, node: int) -> None:
-        """Partition ``node``: its link goes down, its processes keep running."""
-        _ip("link", "set", self._host_end(node), "down")
+    def exec_prefix(self, machine: int) -> list[str]:
+        """The command prefix that runs a program inside ``machine``'s namespace
+        (``ip netns exec`` execs it: the process keeps the pid it was started with)."""
+        return ["ip", "netns", "exec", self.namespace(machine)]
 
-    def heal(self, node: int) -> None:
-        """Bring ``node``'s link back up."""
-        _ip("link", "set", self._host_end(node), "up")
+    def cut(self, machine: int) -> None:
+        """Partition ``machine``: its link goes down, its processes keep running."""
+        _ip("link", "set", self._host_end(machine), "down")
+
+    def heal(self, machine: int) -> None:
+        """Bring ``machine``'s link back up."""
+        _ip("link", "set", self._host_end(machine), "up")
 
     def close(self) -> None:
         """Remove the links, the namespaces and the bridge. Idempotent; never raises
         for what is already gone."""
-        for node in range(len(self.namespaces)):
-            # Deleting one end removes the pair now; a namespace's own
-            # interfaces go only when the kernel gets round to freeing it.
-            with contextlib.suppress(NetnsError):
-                _ip("link", "del", self._host_end(node))
-        for ns in self.namespaces:
-            with contextlib.suppress(NetnsError):
-                _ip("netns", "del", ns)
-        self.namespaces.clear()
+        for machine in list(self.members):
+            self.remove(machine)
         if self._up:
             with contextlib.suppress(NetnsError):
                 _ip("link", "del", self.bridge)
@@ -239,3 +286,28 @@ def remove_stale(tag: str) -> int:
     with contextlib.suppress(NetnsError):
         _ip("link", "del", f"gb{tag}")
     return gone
+
+
+def fabric_tags(min_age_s: float = 0.0) -> set[str]:
+    """Tags of the fabrics whose namespaces exist on this machine and are at least
+    ``min_age_s`` old (a run creates its fabric a moment before its processes)."""
+    netns_dir = Path("/run/netns")
+    tags: set[str] = set()
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in netns_dir.iterdir():
+            m = re.fullmatch(rf"{NS_PREFIX}([a-z0-9]{{1,8}})-n\d+", entry.name)
+            if m is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.lstat().st_mtime >= min_age_s:
+                    tags.add(m.group(1))
+    return tags
+
+
+def open_fabric(c: ClusterConfig, run_id: str) -> Fabric | None:
+    """The fabric of a run with ``cluster.network=netns`` (created, one namespace per
+    node and standby), or None on loopback."""
+    if c.network != "netns":
+        return None
+    return Fabric(run_id[:8], c.nodes + c.standby_nodes, c.link_gbps, c.link_latency_ms).create()

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -26,12 +27,15 @@ def spawn_module(
     env: dict[str, str] | None = None,
     new_session: bool = False,
     stdin_pipe: bool = False,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m module args`` with output to a log file.
 
     ``new_session`` puts a node's tree in its own process group so that the
     injector can kill exactly that node, and a Ctrl-C on the console reaches
     only the controller, which then tears everything down in order.
+    ``prefix`` runs the interpreter through a command that execs it (``ip netns
+    exec``), so the process keeps the pid returned here.
     """
     full_env = dict(os.environ)
     full_env.update(env or {})
@@ -39,7 +43,7 @@ def spawn_module(
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it after fork
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*prefix, sys.executable, "-m", module, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
@@ -97,15 +101,17 @@ def free_run(run_id: str) -> None:
     unlink_prefix(f"gemini-{run_id}-")
 
 
-def run_processes(run_id: str) -> list[psutil.Process]:
-    """Every live process started for this run, orphans included (found by env)."""
+def run_processes(run_id: str, prefix: bool = False) -> list[psutil.Process]:
+    """Every live process started for this run, orphans included (found by env);
+    ``prefix``: of every run whose id starts with ``run_id``."""
     me = os.getpid()
     out = []
     for p in psutil.process_iter(["pid"]):
         if p.pid == me:
             continue
         try:
-            if p.environ().get("GEMINI_RUN_ID") == run_id:
+            found = p.environ().get("GEMINI_RUN_ID", "")
+            if found == run_id or (prefix and found.startswith(run_id)):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

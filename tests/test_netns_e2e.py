@@ -1,0 +1,53 @@
+"""A job on emulated links (``cluster.network=netns``): every node, standbys
+included, in a namespace of its own behind a capped link. It trains as it does
+on loopback (the same final state), recovers a lost node onto a standby, and
+leaves no namespace, link or bridge behind. Needs root and iproute2 (skipped
+with the reason elsewhere; CI runs it as root)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from test_netns import WHY_NOT
+from test_recovery_e2e import AT_STEP, References, RunJob, job, only_recovery
+
+pytestmark = [
+    pytest.mark.skipif(bool(WHY_NOT), reason=f"netns unavailable: {WHY_NOT}"),
+    pytest.mark.usefixtures("no_leftovers"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.mark.timeout(400)
+def test_a_job_on_capped_links_recovers_a_lost_node_exactly_and_removes_its_network(
+    reference: References, run_job: RunJob
+) -> None:
+    summary, job_dir = job(
+        run_job,
+        "cluster.network=netns",
+        "cluster.link_gbps=1",
+        "backend=replicated",
+        "failure=hardware_once",
+        f"failure.at_step={AT_STEP}",
+        "failure.node=1",
+    )
+    # The network does not change the arithmetic: loopback is the reference.
+    assert summary["state_digest"] == reference.digest()
+    rec = only_recovery(summary, "hardware")
+    assert rec["rank_sources"]["1"] == "peer:0"
+    assert rec["rank_restart"]["1"] == "standby"
+    # The store listened on the fabric's bridge (the benchmarking range) ...
+    store = json.loads((job_dir / "job.json").read_text())["store"]
+    assert store.startswith("198.18.") or store.startswith("198.19."), store
+    # ... and the run's namespaces and links are gone with it.
+    tag = summary["run_id"][:8]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
+    assert f"gemini-{tag}-" not in listed
+    assert f"gb{tag}" not in links and f"gv{tag}" not in links
