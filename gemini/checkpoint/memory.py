@@ -376,8 +376,16 @@ class ReplicatedBackend(MemoryBackend):
         data = self.slots.data_view(idx)[: manifest.data_nbytes]
         for h in self.holders:
             client = self.clients.get(h) or self.clients.setdefault(h, self._client(h))
+            # The snapshot's own digests travel with the put: the holder
+            # verifies against them, and nothing here hashes the slot again.
             client.put(
-                self.ctx.rank, manifest.step, raw, data, chunk_bytes=max(self.chunk, 8 << 20)
+                self.ctx.rank,
+                manifest.step,
+                raw,
+                data,
+                chunk_bytes=max(self.chunk, 8 << 20),
+                checksums=manifest.checksums,
+                checksum_bytes=manifest.chunk_bytes,
             )
         timing.replicate_s = time.perf_counter() - t0
         super()._after_commit(idx, manifest, timing)

@@ -21,18 +21,23 @@ encryption and no per-frame MAC: the secret authenticates who connects, the
 checksums catch corruption; neither hides nor protects the bytes from someone
 who can read or rewrite packets on the network.
 
-Data path: the sender checksums and sends slices of the caller's buffer in
-place; the receiver reads each chunk straight into the destination buffer
-(the holder's shared-memory slot, or the caller's ``into``) and checksums it
-as it lands. A bad chunk in a put is reported after the rest of the put has
-been drained into the slot being aborted, so the connection stays usable.
+Data path: a put is opened, fed ranges of the slot in order at the
+sender's pace, and finished (:class:`PutStream`); the one-call ``put`` is
+the same three steps. The sender sends slices of its buffer in place and
+hands over the per-chunk digests the snapshot already computed; the holder
+lands each range straight in its slot (or, on request, through staging
+sub-buffers, see ``ranges``), hashes each piece while it is in cache, and
+commits only after FINISH and a match of every digest. A mismatch is
+reported at FINISH with the connection still usable; a put that is
+abandoned, cut off or never finished is aborted and never complete.
 
 Modules: ``wire`` (frames, checksums, limits, socket I/O), ``handshake``
-(authentication), ``server`` (the holder's side) and ``client`` (the
-trainer's side). Everything public is importable from this package.
+(authentication), ``ranges`` (how the holder lands a put's ranges),
+``server`` (the holder's side) and ``client`` (the trainer's side).
+Everything public is importable from this package.
 """
 
-from gemini.cluster.transport.client import TransportClient
+from gemini.cluster.transport.client import PutStream, TransportClient
 from gemini.cluster.transport.handshake import (
     MIN_SECRET_BYTES,
     auth_mac,
@@ -47,9 +52,12 @@ from gemini.cluster.transport.wire import (
     MAX_CHUNK_BYTES,
     MAX_CONTROL_BYTES,
     MAX_MANIFEST_BYTES,
+    MAX_SUBBUFFERS,
     NONCE_BYTES,
     VERSION,
     FrameType,
+    GridHasher,
+    Refused,
     TransportError,
     checksum,
     pack_header,
@@ -64,12 +72,16 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_CONTROL_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_SUBBUFFERS",
     "MIN_SECRET_BYTES",
     "NONCE_BYTES",
     "VERSION",
     "FrameType",
+    "GridHasher",
     "Handler",
+    "PutStream",
     "PutTarget",
+    "Refused",
     "TransportClient",
     "TransportError",
     "TransportServer",

@@ -14,26 +14,34 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from gemini.cluster.transport.handshake import check_secret, server_handshake
+from gemini.cluster.transport.ranges import RangeReceiver, StagingPool
 from gemini.cluster.transport.wire import (
     DEFAULT_CHUNK_BYTES,
+    DIGEST,
     HEADER,
     MAX_CHUNK_BYTES,
     MAX_CONTROL_BYTES,
     MAX_MANIFEST_BYTES,
+    MAX_SUBBUFFERS,
+    RANGE_PREFIX,
     TIMEOUTS,
     FrameType,
     TransportError,
     byte_view,
+    checksum,
     error_text,
+    grid_chunks,
     int_field,
     parse_json,
     recv_data,
+    recv_exact_into,
     recv_frame,
     recv_header,
     recv_payload,
+    recv_small,
     send_data,
     send_error,
     send_frame,
@@ -41,12 +49,25 @@ from gemini.cluster.transport.wire import (
     set_timeout,
     source_step,
     tune,
+    unpack_digests,
 )
 
 log = logging.getLogger("gemini.cluster.transport")
 
 # How often the server's accept loop wakes to hang up on late handshakes.
 _TICK_S = 0.25
+# After refusing a misbehaving put, how long to keep reading (and dropping)
+# what the sender still streams, so that the refusal reaches it before the
+# close: closing with unread bytes would reset the connection and could
+# discard the ERROR frame on its way.
+_LINGER_S = 1.0
+#: Default cap on the staging buffers one ranged put may ask a holder for.
+DEFAULT_MAX_STAGING_BYTES = 256 << 20
+
+
+class _PutRefused(TransportError):
+    """A put the holder refused mid-stream (bad range, bad frame): the sender
+    has been told why; the connection is out of step and is closed."""
 
 
 class PutTarget(Protocol):
@@ -116,6 +137,7 @@ class TransportServer:
         max_connections: int = 64,
         max_manifest_bytes: int = MAX_MANIFEST_BYTES,
         send_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_staging_bytes: int = DEFAULT_MAX_STAGING_BYTES,
     ) -> None:
         """
         Args:
@@ -134,6 +156,9 @@ class TransportServer:
                 port without the secret cannot keep one that has it out.
             max_manifest_bytes: largest manifest a put may announce.
             send_chunk_bytes: DATA frame size used when answering gets.
+            max_staging_bytes: most staging memory (all sub-buffers together)
+                one connection's put in ranges may ask for; 0 allows only
+                puts received straight into the slot.
         """
         check_secret(secret)
         for name, value in (
@@ -156,6 +181,7 @@ class TransportServer:
         self._hung_up: dict[socket.socket, str] = {}
         self._max_manifest_bytes = max_manifest_bytes
         self._send_chunk_bytes = max(1, min(send_chunk_bytes, MAX_CHUNK_BYTES))
+        self._max_staging_bytes = max_staging_bytes
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -290,6 +316,7 @@ class TransportServer:
                 if self._pending.pop(conn, None) is None:  # reaped meanwhile
                     raise TransportError("handshake not finished in time")
             header_buf = bytearray(HEADER.size)
+            staging = StagingPool()
             while not self._stop.is_set():
                 idle = True
                 set_timeout(conn, self._idle_timeout_s)
@@ -299,14 +326,21 @@ class TransportServer:
                     break
                 set_timeout(conn, self._io_timeout_s)
                 ftype, length, csum = header
-                if ftype not in (FrameType.PUT_BEGIN, FrameType.GET, FrameType.LIST):
+                if ftype not in (
+                    FrameType.PUT_OPEN,
+                    FrameType.PUT_BEGIN,
+                    FrameType.GET,
+                    FrameType.LIST,
+                ):
                     raise TransportError(f"unexpected {ftype.name} frame between requests")
                 if length > MAX_CONTROL_BYTES:
                     raise TransportError(
                         f"{ftype.name} frame of {length} bytes exceeds the control limit"
                     )
                 payload = recv_payload(conn, ftype, length, csum)
-                if ftype == FrameType.PUT_BEGIN:
+                if ftype == FrameType.PUT_OPEN:
+                    self._serve_put_ranges(conn, parse_json(ftype, payload), header_buf, staging)
+                elif ftype == FrameType.PUT_BEGIN:
                     self._serve_put(conn, parse_json(ftype, payload), header_buf)
                 elif ftype == FrameType.GET:
                     self._serve_get(conn, parse_json(ftype, payload))
@@ -434,6 +468,208 @@ class TransportServer:
             if not done:
                 abort(str(e) if isinstance(e, TransportError) else f"put of {what} failed: {e}")
             raise
+
+    def _serve_put_ranges(
+        self,
+        conn: socket.socket,
+        req: dict[str, Any],
+        header_buf: bytearray,
+        staging: StagingPool,
+    ) -> None:
+        """A put in ranges (``PUT_OPEN``): the slot is complete only after ``FINISH``
+        and a match of every digest; anything else aborts the target."""
+        ft = FrameType.PUT_OPEN
+        source = int_field(ft, req, "source")
+        step = int_field(ft, req, "step")
+        data_len = int_field(ft, req, "data_len")
+        manifest_len = int_field(ft, req, "manifest_len")
+        grid = int_field(ft, req, "checksum_bytes", maximum=1 << 40)
+        subbuffers = int_field(ft, req, "subbuffers", maximum=MAX_SUBBUFFERS)
+        staging_bytes = int_field(ft, req, "staging_bytes")
+        what = source_step(source, step)
+        # Refusals before READY keep the connection in step: the sender waits
+        # for the answer before it sends anything else.
+        problem = None
+        if manifest_len > self._max_manifest_bytes:
+            problem = (
+                f"manifest of {manifest_len} bytes exceeds the "
+                f"{self._max_manifest_bytes}-byte limit"
+            )
+        elif grid < 1 or subbuffers < 1:
+            problem = f"checksum_bytes={grid} and subbuffers={subbuffers} must be >= 1"
+        elif grid_chunks(data_len, grid) * DIGEST.size > MAX_CONTROL_BYTES:
+            problem = f"{grid_chunks(data_len, grid)} digests of {grid}-byte chunks are too many"
+        elif staging_bytes and not subbuffers <= staging_bytes <= self._max_staging_bytes:
+            problem = (
+                f"staging of {staging_bytes} bytes in {subbuffers} sub-buffers: this holder "
+                f"stages at most {self._max_staging_bytes} bytes, at least 1 per sub-buffer"
+            )
+        if problem is not None:
+            send_error(conn, f"refused by the holder: {problem}")
+            return
+        try:
+            target = self._handler.begin_put(source, step, data_len, manifest_len)
+        except Exception as e:
+            send_error(conn, f"refused by the holder: {e}")
+            return
+        done = False
+
+        def abort(reason: str) -> None:
+            nonlocal done
+            done = True
+            try:
+                target.abort(reason)
+            except Exception:
+                log.exception("transport server %d: abort of %s raised", self.port, what)
+
+        def refuse(reason: str) -> NoReturn:
+            """Tell the sender why, abort, and end the (out of step) connection."""
+            abort(reason)
+            with contextlib.suppress(OSError, *TIMEOUTS):
+                send_error(conn, reason)
+                self._linger(conn)
+            raise _PutRefused(reason)
+
+        receiver: RangeReceiver | None = None
+        try:
+            try:
+                dest = byte_view(target.buffer(), writable=True, what="PutTarget.buffer()")
+                if dest.nbytes < data_len:
+                    raise ValueError(f"slot holds {dest.nbytes} bytes, put needs {data_len}")
+                bufs = None
+                if staging_bytes:
+                    bufs = staging.get(subbuffers, staging_bytes // subbuffers)
+                receiver = RangeReceiver(
+                    dest[:data_len],
+                    grid,
+                    subbuffers=subbuffers,
+                    staging=bufs,
+                    thread_name=f"gemini-transport-drain-{self.port}",
+                )
+            except Exception as e:
+                reason = f"holder's slot unusable: {e}"
+                abort(reason)
+                send_error(conn, reason)
+                return
+            send_frame(conn, FrameType.READY)
+            ftype, manifest = recv_frame(conn, {FrameType.MANIFEST}, max_len=manifest_len)
+            if ftype == FrameType.ERROR:
+                reason = f"put of {what} abandoned by the sender: {error_text(manifest)}"
+                abort(reason)
+                send_error(conn, reason)
+                return
+            if len(manifest) != manifest_len:
+                refuse(f"manifest of {len(manifest)} bytes, announced {manifest_len}")
+            prefix = bytearray(RANGE_PREFIX.size)
+            sub_bytes = receiver.sub_bytes
+            while True:
+                header = recv_header(conn, header_buf)
+                assert header is not None
+                ftype, length, csum = header
+                if ftype == FrameType.RANGE:
+                    n = length - RANGE_PREFIX.size
+                    if not 0 < n <= MAX_CHUNK_BYTES:
+                        refuse(f"RANGE frame of {length} bytes in the put of {what}")
+                    if recv_exact_into(conn, memoryview(prefix)) < RANGE_PREFIX.size:
+                        raise TransportError("peer closed inside a RANGE frame's offset")
+                    if checksum(prefix) != csum:
+                        refuse(f"checksum mismatch in a RANGE frame's offset in the put of {what}")
+                    (offset,) = RANGE_PREFIX.unpack(prefix)
+                    if offset != receiver.received:
+                        refuse(
+                            f"range at offset {offset} in the put of {what}: the next range "
+                            f"must start at {receiver.received} (ranges come in order, "
+                            "without gaps or overlaps)"
+                        )
+                    if offset + n > data_len:
+                        refuse(
+                            f"range [{offset}, {offset + n}) overflows the {data_len}-byte "
+                            f"put of {what}"
+                        )
+                    if sub_bytes is not None and n > sub_bytes:
+                        refuse(
+                            f"range of {n} bytes exceeds the {sub_bytes}-byte staging "
+                            f"sub-buffer of the put of {what}"
+                        )
+                    receiver.receive(conn, offset, n)
+                elif ftype == FrameType.FINISH:
+                    want = grid_chunks(data_len, grid) * DIGEST.size
+                    if length != want:
+                        refuse(f"FINISH frame of {length} bytes, the put of {what} needs {want}")
+                    theirs = unpack_digests(recv_payload(conn, ftype, length, csum))
+                    break
+                elif ftype == FrameType.ERROR:
+                    text = error_text(recv_small(conn, length, csum))
+                    reason = f"put of {what} abandoned by the sender: {text}"
+                    abort(reason)
+                    send_error(conn, reason)
+                    return
+                else:
+                    refuse(
+                        f"expected a RANGE or FINISH frame in the put of {what}, got {ftype.name}"
+                    )
+            # FINISH read whole: from here the connection stays in step.
+            if receiver.received < data_len:
+                reason = (
+                    f"put of {what} finished after {receiver.received} of {data_len} bytes: "
+                    "incomplete, not committed"
+                )
+                abort(reason)
+                send_error(conn, reason)
+                return
+            ours = receiver.drained()
+            pairs = enumerate(zip(ours, theirs, strict=True))
+            bad = next((i for i, (a, b) in pairs if a != b), None)
+            if bad is not None:
+                start, end = receiver.hasher.chunk_span(bad)
+                reason = f"checksum mismatch in chunk {bad} (bytes [{start}, {end})) of {what}"
+                abort(reason)
+                log.warning("transport server %d: %s", self.port, reason)
+                send_error(conn, reason)
+                return
+            try:
+                target.commit(manifest)
+                done = True
+            except Exception as e:
+                reason = f"commit failed: {e}"
+                abort(reason)
+                send_error(conn, reason)
+                return
+            send_json(conn, FrameType.ACK, {"source": source, "step": step, "bytes": data_len})
+        except _PutRefused:
+            raise
+        except TIMEOUTS:
+            got = 0 if receiver is None else receiver.received
+            reason = (
+                f"put of {what} failed: peer stalled for {self._io_timeout_s}s mid-put "
+                f"after {got} of {data_len} bytes"
+            )
+            abort(reason)
+            raise TransportError(reason) from None
+        except (OSError, TransportError) as e:
+            got = 0 if receiver is None else receiver.received
+            detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+            reason = f"put of {what} failed after {got} of {data_len} bytes: {detail}"
+            if not done:
+                abort(reason)
+            raise TransportError(reason) from None
+        except BaseException as e:
+            if not done:
+                abort(f"put of {what} failed: {e}")
+            raise
+        finally:
+            if receiver is not None:
+                receiver.close()
+
+    def _linger(self, conn: socket.socket) -> None:
+        """Half-close, then drop whatever the peer still sends for a moment, so
+        an ERROR frame just sent reaches it rather than being lost to a reset."""
+        conn.shutdown(socket.SHUT_WR)
+        set_timeout(conn, _LINGER_S)
+        deadline = time.monotonic() + _LINGER_S
+        sink = bytearray(1 << 16)
+        while time.monotonic() < deadline and conn.recv_into(sink):
+            pass
 
     def _serve_get(self, conn: socket.socket, req: dict[str, Any]) -> None:
         ft = FrameType.GET

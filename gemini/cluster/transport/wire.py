@@ -7,8 +7,18 @@ Every frame::
 
 Exchanges after the handshake (``handshake``):
 
-Put: ``PUT_BEGIN{json}`` -> ``READY`` | ``ERROR``; then ``MANIFEST`` and
-``DATA`` frames covering exactly ``data_len`` bytes -> ``ACK`` | ``ERROR``.
+Put in ranges: ``PUT_OPEN{json}`` -> ``READY`` | ``ERROR``; then ``MANIFEST``,
+``RANGE`` frames covering ``[0, data_len)`` in order and without gaps, sent
+whenever the sender chooses, and ``FINISH{digests}`` -> ``ACK`` | ``ERROR``.
+A ``RANGE`` payload is its offset (u64) followed by the bytes; its header
+checksum covers the offset only: the bytes are verified against the
+per-chunk digests (xxh3_64 of every ``checksum_bytes`` of the data, as the
+snapshot's manifest holds them) that ``FINISH`` carries, so a sender reuses
+digests it already has instead of hashing again. An ``ERROR`` frame in place
+of a ``RANGE`` or ``FINISH`` abandons the put; the holder answers ``ERROR``.
+Put in one stream (the first version's exchange, still served):
+``PUT_BEGIN{json}`` -> ``READY`` | ``ERROR``; then ``MANIFEST`` and ``DATA``
+frames covering exactly ``data_len`` bytes -> ``ACK`` | ``ERROR``.
 Get: ``GET{json}`` -> ``GET_BEGIN{json}``, ``MANIFEST``, ``DATA``... | ``ERROR``.
 List: ``LIST`` -> ``LIST_REPLY{json}`` | ``ERROR``.
 
@@ -44,12 +54,18 @@ MAX_MANIFEST_BYTES = 64 << 20
 #: work per frame rather than memory; senders use far smaller chunks.
 MAX_CHUNK_BYTES = 1 << 30
 DEFAULT_CHUNK_BYTES = 8 << 20
+#: A RANGE frame's payload starts with the range's offset in the slot.
+RANGE_PREFIX = struct.Struct("!Q")
+#: One digest in a FINISH frame.
+DIGEST = struct.Struct("!Q")
+#: Most sub-buffers a ranged put may ask the holder to stage through.
+MAX_SUBBUFFERS = 64
 # 4 MiB is net.core.{r,w}mem_max on the measured machine; asking for more is
 # silently clamped, and less than the loopback default would cost throughput.
 _SOCKET_BUFFER_BYTES = 4 << 20
 # Ask the kernel to hold a data frame's header until its payload follows, so
 # header and payload leave in full segments (Linux only; 0 elsewhere).
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
 # Control frames up to this size go out as one send, header and payload together.
 _COALESCE_BYTES = 64 << 10
 # What a blocked send/recv raises when its timeout expires: TimeoutError under
@@ -70,6 +86,9 @@ class FrameType(enum.IntEnum):
     MANIFEST = 12
     DATA = 13
     ACK = 14
+    PUT_OPEN = 15
+    RANGE = 16
+    FINISH = 17
     GET = 20
     GET_BEGIN = 21
     LIST = 30
@@ -112,7 +131,7 @@ def send_frame(sock: socket.socket, ftype: int, payload: Any = b"") -> None:
     if view.nbytes <= _COALESCE_BYTES:
         sock.sendall(header + view.tobytes())
     else:
-        sock.sendall(header, _MSG_MORE)
+        sock.sendall(header, MSG_MORE)
         sock.sendall(view)
 
 
@@ -289,7 +308,7 @@ def send_data(sock: socket.socket, view: memoryview, chunk_bytes: int, progress:
     total = view.nbytes
     for off in range(0, total, chunk_bytes):
         part = view[off : off + chunk_bytes]
-        sock.sendall(pack_header(FrameType.DATA, part.nbytes, checksum(part)), _MSG_MORE)
+        sock.sendall(pack_header(FrameType.DATA, part.nbytes, checksum(part)), MSG_MORE)
         sock.sendall(part)
         progress[0] = off + part.nbytes
 
@@ -342,6 +361,58 @@ def recv_data(
         received += length
         chunk += 1
     return bad
+
+
+class GridHasher:
+    """xxh3_64 digests of consecutive ``grid_bytes`` chunks of a stream of ``total`` bytes.
+
+    Fed pieces in order, of any sizes (a piece may straddle chunk
+    boundaries), so that each piece is hashed right after it was received or
+    copied, while it is still in cache, whatever the sender's range sizes.
+    The digests equal those of ``format.checksum`` over the same bytes with
+    the same chunk size.
+    """
+
+    def __init__(self, total: int, grid_bytes: int) -> None:
+        if grid_bytes < 1:
+            raise ValueError(f"grid_bytes must be >= 1, got {grid_bytes}")
+        self.total, self.grid_bytes = total, grid_bytes
+        self.digests: list[int] = []
+        self.pos = 0
+        self._boundary = min(grid_bytes, total)
+        self._hasher = xxhash.xxh3_64()
+
+    def update(self, piece: memoryview) -> None:
+        if self.pos + piece.nbytes > self.total:
+            raise ValueError(f"{self.pos + piece.nbytes} bytes hashed of a {self.total}-byte grid")
+        while piece.nbytes:
+            take = min(piece.nbytes, self._boundary - self.pos)
+            self._hasher.update(piece[:take])
+            self.pos += take
+            piece = piece[take:]
+            if self.pos == self._boundary:
+                self.digests.append(self._hasher.intdigest())
+                self._hasher.reset()
+                self._boundary = min(self._boundary + self.grid_bytes, self.total)
+
+    def chunk_span(self, i: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of chunk ``i``."""
+        return i * self.grid_bytes, min((i + 1) * self.grid_bytes, self.total)
+
+
+def grid_chunks(total: int, grid_bytes: int) -> int:
+    """How many digests cover ``total`` bytes in ``grid_bytes`` chunks (last one short)."""
+    return -(-total // grid_bytes)
+
+
+def pack_digests(digests: list[int]) -> bytes:
+    return struct.pack(f"!{len(digests)}Q", *digests)
+
+
+def unpack_digests(payload: bytes) -> list[int]:
+    if len(payload) % DIGEST.size:
+        raise TransportError(f"bad FINISH frame: {len(payload)} bytes is not a list of digests")
+    return list(struct.unpack(f"!{len(payload) // DIGEST.size}Q", payload))
 
 
 def recv_small(sock: socket.socket, length: int, csum: int) -> bytes:
