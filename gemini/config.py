@@ -194,7 +194,7 @@ class BackendConfig:
 class FailureConfig:
     name: str = "none"
     """Schedule: none, software_once, hardware_once, two_in_group, poisson, weibull,
-    correlated, kill_during_snapshot, corruption, root_loss, hang_once."""
+    correlated, kill_during_snapshot, corruption, root_loss, hang_once, partition."""
     at_step: int | None = None
     """Step at which a one-off failure fires (None = seeded-random in the middle half)."""
     node: int | None = None
@@ -223,6 +223,11 @@ class FailureConfig:
     """``then``: the node it hits (None = seeded-random)."""
     then_after_steps: int = 2
     """``then``: steps trained after the restored step before it fires (>= 1)."""
+    partition_s: float = 0.0
+    """partition: seconds the node's link stays down before it returns (0 = for good).
+    Needs ``cluster.network=netns``. The cut-off node's processes live on: it fences
+    itself once its heartbeats have failed for as long as the root waits for them,
+    and stays out when the link returns (its index is a replacement's by then)."""
 
 
 @dataclass
@@ -592,6 +597,7 @@ _ONE_NODE_AT_A_STEP = (
     "hardware_once",
     "corruption",
     "hang_once",
+    "partition",
 )
 
 
@@ -625,6 +631,19 @@ def dry_run(cfg: GeminiConfig) -> None:
             value,
             "a hung trainer never exits, and cluster.hang_timeout_s=0 turns off the watchdog "
             "that finds it: set cluster.hang_timeout_s > cluster.heartbeat_s, or another failure",
+        )
+    if "partition" in kinds and c.network != "netns":
+        raise ConfigError(
+            key,
+            value,
+            "a partition takes a node's own link down, and nodes on loopback have none: "
+            "add cluster.network=netns (root and iproute2), or use failure=hardware_once",
+        )
+    if not (math.isfinite(f.partition_s) and f.partition_s >= 0):
+        raise ConfigError(
+            "failure.partition_s",
+            f.partition_s,
+            "must be a finite number of seconds >= 0 (0 = the link never returns)",
         )
     if "corruption" in kinds:
         if b.name != "replicated" or b.replication.factor < 2:

@@ -177,6 +177,11 @@ class Injector:
             landed = self.cluster.kill_nodes(ev.nodes, record)
         elif ev.kind == "root_loss":
             landed = self.cluster.kill_root(record)
+        elif ev.kind == "partition":
+            # Nobody on the cut-off node can report it: the controller, which
+            # cuts the links, stamps the record when they are down.
+            landed = self.cluster.partition_nodes(ev.nodes, self.job.cfg.failure.partition_s)
+            self.store.push(keys.INJECT, {**record, "t": landed})
         elif ev.kind == "corruption":
             from gemini.checkpoint.memory import replica_holders
 

@@ -46,6 +46,7 @@ FAILURE_KINDS = (
     "kill_during_snapshot",
     "root_loss",
     "hang",
+    "partition",
 )
 
 RANK_KINDS = ("software", "hang")
@@ -63,6 +64,7 @@ SCHEDULES = (
     "corruption",
     "root_loss",
     "hang_once",
+    "partition",
 )
 
 # One event on one node at one step; the schedule's name is the event's kind.
@@ -73,6 +75,7 @@ _ONCE = {
     "corruption": "corruption",
     "root_loss": "root_loss",
     "hang_once": "hang",
+    "partition": "partition",
 }
 
 

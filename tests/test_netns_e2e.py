@@ -13,6 +13,8 @@ import pytest
 from test_netns import WHY_NOT
 from test_recovery_e2e import AT_STEP, References, RunJob, job, only_recovery
 
+from gemini.cluster.agent import FENCED_EXIT
+
 pytestmark = [
     pytest.mark.skipif(bool(WHY_NOT), reason=f"netns unavailable: {WHY_NOT}"),
     pytest.mark.usefixtures("no_leftovers"),
@@ -51,3 +53,40 @@ def test_a_job_on_capped_links_recovers_a_lost_node_exactly_and_removes_its_netw
     links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
     assert f"gemini-{tag}-" not in listed
     assert f"gb{tag}" not in links and f"gv{tag}" not in links
+
+
+@pytest.mark.parametrize("heal_after_s", [0.0, 6.0], ids=["for_good", "link_returns"])
+@pytest.mark.timeout(400)
+def test_a_partitioned_node_is_replaced_fences_itself_and_stays_out(
+    reference: References, run_job: RunJob, heal_after_s: float
+) -> None:
+    summary, job_dir = job(
+        run_job,
+        "cluster.network=netns",
+        "backend=replicated",
+        "failure=partition",
+        f"failure.at_step={AT_STEP}",
+        "failure.node=1",
+        f"failure.partition_s={heal_after_s}",
+        # The survivor's all-reduce with a peer that vanished without a
+        # reset waits this long before it leaves the generation.
+        "cluster.collective_timeout_s=5",
+    )
+    assert summary["state_digest"] == reference.digest()
+    # To the root a cut-off node is a lost one: its index goes to a standby,
+    # and its rank comes back from the survivor's copy.
+    rec = only_recovery(summary, "hardware")
+    assert rec["dead_nodes"] == [1]
+    assert [i["kind"] for i in rec["injected"]] == ["partition"]
+    assert rec["rank_sources"]["1"] == "peer:0"
+    assert rec["rank_restart"]["1"] == "standby"
+    # The cut-off node was not killed by anyone: it fenced itself (its agent
+    # says so and exits with its own status), also when its link came back.
+    (part,) = summary["cluster_layout"]["partitions"]
+    assert part["node"] == 1 and part["exit_code"] == FENCED_EXIT, part
+    if heal_after_s:
+        assert part["t_heal"] is not None
+    logs = "".join(p.read_text() for p in (job_dir / "logs").glob("agent1.log"))
+    assert "node 1: fencing itself and staying out" in logs
+    # Only the standby's agent ever registered for node 1 after the cut.
+    assert summary["generations"] == 2

@@ -54,12 +54,18 @@ HANDOVER_TIMEOUT_S = 10.0
 ROOT_STARTUP_GRACE_S = 60.0
 
 
+FENCED_EXIT = 75
+"""Exit status of an agent that fenced its node (cut off, then replaced)."""
+
+
 class Heartbeat:
     """A thread that bumps ``hb/{name}`` every period (a counter: no clock skew)."""
 
     def __init__(self, job: JobSpec, name: str, period_s: float) -> None:
         self.store = Store.for_job(job)
         self.name, self.period_s = name, period_s
+        self.last_ok = time.monotonic()
+        """When a beat last reached the store (the node's lease, see WorkerAgent.fence)."""
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"hb-{name}", daemon=True)
 
@@ -73,6 +79,7 @@ class Heartbeat:
                 self.store.incr(keys.hb(self.name))
             except Exception:  # the store went away: the job is over
                 return
+            self.last_ok = time.monotonic()
             self._stop.wait(self.period_s)
 
     def stop(self) -> None:
@@ -103,6 +110,8 @@ class WorkerAgent:
         self._stopping = False
         c = self.cfg.cluster
         self.limit_s = c.heartbeat_s * c.missed_beats
+        self.incarnation = 0
+        """This agent's registration number for its node (``agent/node{i}``)."""
         self.root_hb, self.root_seen = -1, time.monotonic()
         self.root_epoch, self.awaiting_root = 0, False
         self.root_checked = 0.0
@@ -139,10 +148,14 @@ class WorkerAgent:
         hb = Heartbeat(self.job, f"node{self.node}", self.cfg.cluster.heartbeat_s).start()
         info = self.start_services()
         incarnation = self.store.incr(keys.agent_incarnation(self.node))
+        self.incarnation = incarnation
         self.store.set_json(
             keys.agent(self.node),
             {"pid": os.getpid(), "node": self.node, "incarnation": incarnation, **info},
         )
+        if self.cfg.cluster.network == "netns":
+            # Emulated links can be cut (failure=partition): hold a lease.
+            threading.Thread(target=self._keep_lease, args=(hb,), name="lease", daemon=True).start()
         # A replacement agent must not relaunch the generation it replaces:
         # it waits for the root's next one.
         self.gen = self.generation()
@@ -154,6 +167,8 @@ class WorkerAgent:
                 g = self.generation()
                 # Only a generation the root planned (a signed plan) is launched.
                 if g > self.gen and self.store.exists(keys.plan(g)):
+                    if not self.still_mine():
+                        self.fence("another agent holds this node's index now")
                     self.stop_trainers()
                     self.launch(g)
                 elif self.trainers and self.store.exists(keys.stop(self.gen)):
@@ -378,6 +393,35 @@ class WorkerAgent:
         self.trainers = {}
 
     # -- failures ordered by the injector (gemini.cluster.orders) --------------------
+    # -- fencing (emulated links only: nothing else cuts a node off) -------------------
+    def _keep_lease(self, hb: Heartbeat) -> None:
+        """Fence this node once its beats have failed to reach the store for as long as
+        the root waits for them: by then the root counts the node lost and gives its
+        index to a replacement, so nothing here may act on the job again."""
+        while not self._stopping:
+            silent = time.monotonic() - hb.last_ok
+            if silent > self.limit_s:
+                self.fence(f"no heartbeat reached the store for {silent:.1f} s")
+            time.sleep(self.cfg.cluster.heartbeat_s / 2)
+
+    def still_mine(self) -> bool:
+        """This agent is still the registered one for its node (not replaced while it
+        was cut off: generation fencing for the moment the link returns)."""
+        reg = self.store.get_json_or(keys.agent(self.node), {})
+        return bool(reg.get("incarnation") == self.incarnation)
+
+    def fence(self, why: str) -> None:
+        """Take this node out for good: kill every process below the agent (trainers,
+        spares, parked ones) and exit, without a word to the store (it is either
+        unreachable or no longer this node's). The node stays out; its memory is freed
+        by whoever takes its index (the launcher unlinks it before a takeover)."""
+        print(f"node {self.node}: fencing itself and staying out: {why}", flush=True)
+        me = psutil.Process()
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        os._exit(FENCED_EXIT)
+
     def obey_orders(self) -> None:
         for n, order in self.inbox.pending():
             op = order.get("op")

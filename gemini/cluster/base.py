@@ -83,6 +83,12 @@ class Cluster(Protocol):
         until replaced."""
         ...
 
+    def partition_nodes(self, nodes: Sequence[int], heal_after_s: float) -> float:
+        """Take the nodes' links down while their processes live (a partition); they
+        come back after ``heal_after_s`` (0 = never). Returns when the links went down.
+        Only a cluster with emulated links can (validation refuses it elsewhere)."""
+        ...
+
     def kill_root(self, inject: dict[str, Any] | None = None) -> float | None:
         """The root agent's loss: the process serving as root now (the first one
         or an elected successor) dies; its node, if it has one, lives on."""
@@ -166,6 +172,11 @@ class ClusterBase:
         self, nodes: Sequence[int], inject: dict[str, Any] | None = None
     ) -> float | None:
         return self._order(nodes, {"op": "kill_node"}, inject)
+
+    def partition_nodes(self, nodes: Sequence[int], heal_after_s: float) -> float:
+        raise NotImplementedError(
+            "a partition needs emulated links (cluster.network=netns, launcher local)"
+        )
 
     def kill_root(self, inject: dict[str, Any] | None = None) -> float | None:
         (ack,) = orders.send(self.store, [(keys.ROOT_ORDERS, {"op": "die", "inject": inject})])

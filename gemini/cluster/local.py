@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,13 @@ class LocalCluster(ClusterBase):
         """With a fabric: the machine (namespace) each node index runs on now."""
         self.standby_machine: dict[int, int] = {}
         self.machines_started = 0
+        self.cut_off: dict[int, int] = {}
+        """Partitioned node indices not yet replaced, and their machines."""
+        self.isolated: dict[int, subprocess.Popen[bytes]] = {}
+        """Launchers of replaced partitioned nodes, by machine, until they exit."""
+        self.partitions: list[dict[str, Any]] = []
+        self._net_lock = threading.Lock()
+        self._heals: list[threading.Timer] = []
         self.job_path = str(Path(job.job_dir) / "job.json")
         self.log_dir = Path(job.job_dir) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -178,12 +186,21 @@ class LocalCluster(ClusterBase):
         """A standby takes the failed node's index and a new standby is started in
         its place; with no standby alive, the node is restarted afresh."""
         p = self.nodes.get(node)
-        if p is not None and p.poll() is None:
+        if node in self.cut_off:
+            # A partitioned node's processes live on where nobody can reach
+            # them: it fences itself, and stays out once its link returns.
+            # Its machine (namespace) goes when its launcher has exited.
+            machine = self.cut_off.pop(node)
+            self.machine_of.pop(node, None)
+            if p is not None:
+                self.isolated[machine] = p
+        elif p is not None and p.poll() is None:
             kill_tree(p.pid)
         unlink_prefix(f"gemini-{self.job.run_id}-n{node}-")
         if self.fabric is not None and node in self.machine_of:
             # The lost machine goes with its link; its replacement has its own.
-            self.fabric.remove(self.machine_of.pop(node))
+            with self._net_lock:
+                self.fabric.remove(self.machine_of.pop(node))
         standby = next((k for k, s in sorted(self.standbys.items()) if s.poll() is None), None)
         if standby is None:
             self._start_node(node)
@@ -200,20 +217,76 @@ class LocalCluster(ClusterBase):
         self.replaced.append((node, time.time()))
         self.takeovers.append({"node": node, "standby": standby, "t": self.replaced[-1][1]})
 
+    def partition_nodes(self, nodes: Sequence[int], heal_after_s: float) -> float:
+        if self.fabric is None:
+            return super().partition_nodes(nodes, heal_after_s)
+        with self._net_lock:
+            machines = [self.machine_of[n] for n in nodes]
+            for machine in machines:
+                self.fabric.cut(machine)
+            t = time.time()
+        for n, machine in zip(nodes, machines, strict=True):
+            self.cut_off[n] = machine
+            self.partitions.append(
+                {"node": n, "machine": machine, "t_cut": t, "heal_after_s": heal_after_s,
+                 "t_heal": None, "t_exit": None, "exit_code": None}
+            )  # fmt: skip
+        if heal_after_s > 0:
+            timer = threading.Timer(heal_after_s, self._heal, args=(machines,))
+            timer.daemon = True
+            timer.start()
+            self._heals.append(timer)
+        return t
+
+    def _heal(self, machines: list[int]) -> None:
+        with self._net_lock:
+            if self.fabric is None:
+                return
+            for machine in machines:
+                if machine in self.fabric.members:
+                    self.fabric.heal(machine)
+                for rec in self.partitions:
+                    if rec["machine"] == machine:
+                        rec["t_heal"] = time.time()
+
+    def _reap_isolated(self) -> None:
+        """Note when each fenced node's launcher exited, and drop its machine then."""
+        for machine, p in list(self.isolated.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            del self.isolated[machine]
+            for rec in self.partitions:
+                if rec["machine"] == machine:
+                    rec["t_exit"], rec["exit_code"] = time.time(), code
+            if self.fabric is not None:
+                with self._net_lock:
+                    self.fabric.remove(machine)
+
+    def service(self) -> None:
+        self._reap_isolated()
+        super().service()
+
     def layout(self) -> dict[str, Any]:
         return {
             "launcher": "local",
             "replaced": [{"node": n, "t": t} for n, t in self.replaced],
             "standby_nodes": self.job.cfg.cluster.standby_nodes,
             "takeovers": self.takeovers,
+            **({"partitions": self.partitions} if self.partitions else {}),
         }
 
     def teardown(self) -> None:
         with contextlib.suppress(Exception):
             self.store.set(keys.ABORT, "1")
+        for timer in self._heals:
+            timer.cancel()
         procs = [
-            p for p in [self.root, *self.nodes.values(), *self.standbys.values()] if p is not None
-        ]
+            p
+            for p in [self.root, *self.nodes.values(), *self.standbys.values(),
+                      *self.isolated.values()]
+            if p is not None
+        ]  # fmt: skip
         for p in procs:
             if p.poll() is None:
                 terminate_tree(p.pid, grace_s=3.0)
@@ -229,4 +302,5 @@ class LocalCluster(ClusterBase):
         Path(self.job.secret_file).unlink(missing_ok=True)
         if self.fabric is not None:
             # Last: no process of the run is left in a namespace.
-            self.fabric.close()
+            with self._net_lock:
+                self.fabric.close()
