@@ -65,6 +65,16 @@ def check_available() -> None:
         raise NetnsError(f"{' and '.join(missing)} not found: install iproute2")
     if os.geteuid() != 0:
         raise NetnsError("network namespaces need root (CAP_NET_ADMIN): run as root")
+    # Root in a container may still lack CAP_NET_ADMIN: only trying tells.
+    probe = f"{NS_PREFIX}probe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+    except NetnsError as e:
+        raise NetnsError(
+            f"cannot create a network namespace here ({e}): run as root with CAP_NET_ADMIN"
+        ) from None
+    with contextlib.suppress(NetnsError):
+        _ip("netns", "del", probe)
 
 
 def check_delay_available() -> None:
