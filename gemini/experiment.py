@@ -505,6 +505,9 @@ def summarize(
             else None
         ),
         "iter_time_s": m("iter_time_s"),
+        # Every step's, in order: benchmarks take the steady state after a
+        # phase of their own (e.g. after the idle-span profile).
+        "iter_times_s": [s.get("iter_time_s") for s in steps],
         "throughput_samples_s": m("throughput_samples_s"),
         "final_loss": steps[-1].get("loss") if steps else None,
         "state_digest": state_digest(reports["finals"]),

@@ -153,6 +153,11 @@ class WorkerAgent:
             keys.agent(self.node),
             {"pid": os.getpid(), "node": self.node, "incarnation": incarnation, **info},
         )
+        print(
+            f"node {self.node}: agent registered (incarnation {incarnation}) at "
+            f"{time.strftime('%H:%M:%S')}",
+            flush=True,
+        )
         if self.cfg.cluster.network == "netns":
             # Emulated links can be cut (failure=partition): hold a lease.
             threading.Thread(target=self._keep_lease, args=(hb,), name="lease", daemon=True).start()
@@ -645,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
             standby.close()
             return 0
         pool = standby.pool
-        print(f"standby {a.standby}: taking over node {node}", flush=True)
+        print(
+            f"standby {a.standby}: taking over node {node} at {time.strftime('%H:%M:%S')}",
+            flush=True,
+        )
         # Whatever a previous holder of the index left in this machine's memory.
         from gemini.checkpoint.slot import unlink_prefix
 
