@@ -401,11 +401,15 @@ class WorkerAgent:
     # -- fencing (emulated links only: nothing else cuts a node off) -------------------
     def _keep_lease(self, hb: Heartbeat) -> None:
         """Fence this node once its beats have failed to reach the store for as long as
-        the root waits for them: by then the root counts the node lost and gives its
-        index to a replacement, so nothing here may act on the job again."""
+        the root waits for them, and one beat more: by then the root counts the node
+        lost and gives its index to a replacement, so nothing here may act on the job
+        again. (The extra beat spares a node whose agent was only starved of CPU
+        for a moment; should the root have declared it lost meanwhile, the
+        ownership check before any launch fences it all the same.)"""
+        lease_s = self.limit_s + self.cfg.cluster.heartbeat_s
         while not self._stopping:
             silent = time.monotonic() - hb.last_ok
-            if silent > self.limit_s:
+            if silent > lease_s:
                 self.fence(f"no heartbeat reached the store for {silent:.1f} s")
             time.sleep(self.cfg.cluster.heartbeat_s / 2)
 
