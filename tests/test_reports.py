@@ -209,6 +209,7 @@ def test_the_summary_averages_steady_steps_and_counts_checkpoints() -> None:
         "steps": 5,
         "wall_s": 32.0,
         "iter_time_s": 0.75,
+        "iter_times_s": [4.0, 2.0, 2.0, 0.5, 1.0],  # every step's, warm-up included
         "throughput_samples_s": 6.0,
         "final_loss": 3.0,
         "state_digest": hashlib.sha256(b"xyzw").hexdigest(),
