@@ -163,7 +163,10 @@ class ReplicationConfig:
     received straight into the holder's slot, so receiving and landing
     overlap). The planned modes send as ``naive`` does until the generation's
     profile exists (its first 3 + ``profile_steps`` steps), so they need
-    ``profile_steps`` >= 1; ``replicated`` only."""
+    ``profile_steps`` >= 1; ``replicated`` only. When one iteration's idle
+    spans cannot carry the copies, they checkpoint every k-th step instead,
+    the smallest k that can, agreed by all ranks (``interleave_interval`` in
+    the summary)."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from gemini.checkpoint.senders import SpanClock
     from gemini.cluster.job import JobSpec
     from gemini.workload.state import TrainState
 
@@ -165,7 +166,7 @@ class CheckpointBackend(ABC):
     planned replication schedule grows it when one iteration's idle spans cannot
     carry the replicas; every rank agrees on the same value."""
 
-    span_clock: Any = None
+    span_clock: SpanClock | None = None
     """The :class:`gemini.checkpoint.senders.SpanClock` a planned replication
     schedule follows (the training loop signals it), or None."""
 
