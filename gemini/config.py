@@ -153,6 +153,20 @@ class ReplicationConfig:
     of an iteration (``idle_profiles`` in the summary; the interleaving
     planner's input); 0 = off. Only ``replicated`` with more than one rank
     profiles."""
+    schedule: str = "naive"
+    """When the replicas travel (``gemini.checkpoint.senders``): ``blocking`` (the
+    trainer waits until every holder has its copy before the next step),
+    ``naive`` (each copy sent whole in the background as soon as the local
+    commit is done, unplanned), ``interleave_nopipe`` (chunks planned into the
+    idle spans of training communication; the holder stages them through one
+    buffer, receiving and draining in turn) or ``interleave`` (the same plan,
+    received straight into the holder's slot, so receiving and landing
+    overlap). The planned modes send as ``naive`` does until the generation's
+    profile exists (its first 3 + ``profile_steps`` steps), so they need
+    ``profile_steps`` >= 1; ``replicated`` only. When one iteration's idle
+    spans cannot carry the copies, they checkpoint every k-th step instead,
+    the smallest k that can, agreed by all ranks (``interleave_interval`` in
+    the summary)."""
 
 
 @dataclass
@@ -312,6 +326,9 @@ def register_configs() -> None:
 
 
 BACKENDS = ("none", "disk", "memory", "replicated")
+REPLICATION_SCHEDULES = ("blocking", "naive", "interleave_nopipe", "interleave")
+PLANNED_SCHEDULES = ("interleave_nopipe", "interleave")
+"""The schedules that plan chunks into the profiled idle spans."""
 LAUNCHERS = ("local", "slurm")
 """What ``cluster.launcher`` may be: one per ``gemini.cluster.base.Cluster`` implementation."""
 PARALLELS = ("ddp", "zero")
@@ -490,6 +507,23 @@ def check_values(cfg: GeminiConfig) -> None:
         0,
         "must be >= 0 (0 = no profile)",
     )
+    _choice("backend.replication.schedule", r.schedule, REPLICATION_SCHEDULES)
+    if r.schedule in PLANNED_SCHEDULES:
+        if b.name != "replicated":
+            raise ConfigError(
+                "backend.replication.schedule",
+                r.schedule,
+                f"plans the sending of replicas, which backend={b.name} does not make: "
+                "use backend=replicated, or backend.replication.schedule=naive",
+            )
+        if r.profile_steps == 0:
+            raise ConfigError(
+                "backend.replication.profile_steps",
+                r.profile_steps,
+                f"schedule={r.schedule} plans from the idle spans this profile measures: "
+                "set backend.replication.profile_steps >= 1, or "
+                "backend.replication.schedule=naive",
+            )
 
 
 def check_network(c: ClusterConfig) -> None:

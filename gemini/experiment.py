@@ -410,8 +410,19 @@ def merge_reports(
         "gen": gen,
         "final_waits": [rec for recs in per_rank.values() for rec in recs if rec.get("final_wait")],
         "idle_profiles": idle_profiles(per_rank),
+        "interleave": first_record(per_rank, "interleave"),
         "root": root,
     }
+
+
+def first_record(per_rank: dict[int, list[dict[str, Any]]], key: str) -> dict[str, dict[str, Any]]:
+    """Each rank's first ``key`` entry (of its first generation that reported one)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r, recs in sorted(per_rank.items()):
+        found = next((rec[key] for rec in recs if rec.get(key)), None)
+        if found is not None:
+            out[str(r)] = found
+    return out
 
 
 def idle_profiles(per_rank: dict[int, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -537,6 +548,11 @@ def summarize(
         summary["idle_s"] = mean(p["idle_s"] for p in profiles)
         summary["idle_cv"] = mean(p["idle_cv"] for p in profiles)
         summary["comm_s"] = mean(p["comm_s"] for p in profiles)
+    plans = reports.get("interleave") or {}
+    if plans:
+        # Each rank's link fit and plan; the interval is the one all ranks agreed on.
+        summary["interleave"] = plans
+        summary["interleave_interval"] = max(int(p.get("interval", 1)) for p in plans.values())
     if cfg.backend.bandwidth_gbps > 0:
         summary["storage_bandwidth"] = f"emulated {cfg.backend.bandwidth_gbps} Gbit/s per node"
     if reports["recoveries"]:

@@ -81,6 +81,7 @@ RUN_METRICS = (
     "idle_s",
     "idle_cv",
     "comm_s",
+    "interleave_interval",
     *(f"mean_{k}" for k in RECOVERY_METRICS),
 )
 """Run-level metrics, logged as ``run/<name>`` from ``summary.json``."""

@@ -37,11 +37,17 @@ def dividing(state, bucket):
     return dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
 plain, hooked, divided = DDP(model()), DDP(model()), DDP(model())
+# Past its profile, signalling each completed all-reduce to an interleaving sender.
+signalled = DDP(model())
 CommProfiler(steps=2, skip=0).install(hooked)
+signals = []
+done = CommProfiler(steps=0)
+done.on_comm_done = lambda: signals.append(1)
+done.install(signalled)
 divided.register_comm_hook(None, dividing)
 torch.manual_seed(1 + rank)
 x = torch.randn(32, 64)
-for m in (plain, hooked, divided):
+for m in (plain, hooked, divided, signalled):
     m(x).square().sum().backward()
 
 def grads(m):
@@ -50,7 +56,8 @@ def grads(m):
 if rank == 0:
     same = torch.equal(grads(plain), grads(hooked))
     differs = not torch.equal(grads(plain), grads(divided))
-    open(out, "w").write(f"{int(same)} {int(differs)}")
+    same_signalled = torch.equal(grads(plain), grads(signalled))
+    open(out, "w").write(f"{int(same)} {int(differs)} {int(same_signalled)} {len(signals)}")
 dist.destroy_process_group()
 """
 
@@ -72,8 +79,12 @@ def test_the_hook_reduces_as_ddp_does_on_three_ranks(tmp_path: Path) -> None:
         for p in procs:
             p.kill()
     assert codes == [0] * WORLD
-    same, differs = out.read_text().split()
+    same, differs, same_signalled, signals = out.read_text().split()
     # The hook's gradients equal DDP's own ...
     assert same == "1"
     # ... and this world is one where dividing instead would have shown.
     assert differs == "1"
+    # Signalling the span clock leaves them as they are too; each bucket's
+    # completed all-reduce signals.
+    assert same_signalled == "1"
+    assert int(signals) >= 1

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from gemini.checkpoint.senders import SpanClock
     from gemini.cluster.job import JobSpec
     from gemini.workload.state import TrainState
 
@@ -48,6 +49,11 @@ class SnapshotTiming:
     """Writing the persistent tier (storage), if any this step."""
     bytes: int = 0
     """Bytes of this rank's checkpoint."""
+    replicating: bool = False
+    """Set when :meth:`CheckpointBackend.wait` returns with the replicas still on
+    their way (a planned schedule spreads them over the following iterations):
+    ``replicate_s`` is final only once :meth:`CheckpointBackend.settle`
+    returns this timing."""
 
 
 @dataclass
@@ -86,6 +92,7 @@ class CheckpointBackend(ABC):
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self._pending: SnapshotTiming | None = None
+        self._deferred: SnapshotTiming | None = None
         self._closed = False
 
     @property
@@ -131,6 +138,11 @@ class CheckpointBackend(ABC):
             raise CheckpointError(
                 f"{self.name}: snapshot of step {step} while step {self._pending.step} is in flight"
             )
+        if self._deferred is not None:
+            raise CheckpointError(
+                f"{self.name}: snapshot of step {step} while the replicas of step "
+                f"{self._deferred.step} are in flight: settle() first"
+            )
         t0 = time.perf_counter()
         timing = SnapshotTiming(step=step)
         self._snapshot(step, state, timing)
@@ -145,7 +157,52 @@ class CheckpointBackend(ABC):
         t0 = time.perf_counter()
         self._wait(timing)
         timing.stall_s += time.perf_counter() - t0
+        if timing.replicating:
+            self._deferred = timing
         return timing
+
+    checkpoint_interval = 1
+    """Checkpoint only steps divisible by this (1: whenever the cadence says): a
+    planned replication schedule grows it when one iteration's idle spans cannot
+    carry the replicas; every rank agrees on the same value."""
+
+    span_clock: SpanClock | None = None
+    """The :class:`gemini.checkpoint.senders.SpanClock` a planned replication
+    schedule follows (the training loop signals it), or None."""
+
+    plans_replication = False
+    """Whether the backend plans its replicas into idle spans once the profile exists:
+    the trainer then calls :meth:`interval_needed` and :meth:`adopt_plan`."""
+
+    def settle(self) -> SnapshotTiming | None:
+        """Wait until the replicas of the last snapshot are complete on their holders.
+
+        Returns that snapshot's timing if :meth:`wait` returned it unfinished
+        (``replicating``), now with its ``replicate_s``; None otherwise. The
+        trainer calls it before the next snapshot and at the end.
+        """
+        timing, self._deferred = self._deferred, None
+        if timing is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            self._settle()
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.name}: replicating the snapshot of step {timing.step} failed: {e}"
+            ) from e
+        finally:
+            timing.stall_s += time.perf_counter() - t0
+            timing.replicating = False
+        return timing
+
+    def interval_needed(self, spans_s: list[float]) -> int:
+        """The checkpoint interval this rank needs for its replicas to fit the idle spans."""
+        return 1
+
+    def adopt_plan(self, spans_s: list[float], interval: int) -> dict[str, Any]:
+        """Plan with the interval every rank agreed on; returns what to report."""
+        return {}
 
     def checkpoint_cost(self, timing: SnapshotTiming) -> float | None:
         """One checkpoint from start to complete (the paper's t_ckpt), or None if unknown.
@@ -196,6 +253,9 @@ class CheckpointBackend(ABC):
 
     def _prepare(self, state: TrainState) -> dict[str, Any]:
         return {}
+
+    def _settle(self) -> None:
+        return None
 
     def _close(self, abandon: bool) -> None:
         return None

@@ -40,6 +40,7 @@ from gemini.config import ConfigError, GeminiConfig
 
 if TYPE_CHECKING:
     from gemini.checkpoint.disk import DiskStore
+    from gemini.checkpoint.senders import ReplicaSender
     from gemini.cluster.transport import TransportClient
     from gemini.workload.state import TrainState
 
@@ -360,37 +361,139 @@ class MemoryBackend(CheckpointBackend):
 
 
 class ReplicatedBackend(MemoryBackend):
-    """``backend=replicated``: ``memory`` plus m-1 copies on the holders' agents."""
+    """``backend=replicated``: ``memory`` plus m-1 copies on the holders' agents.
+
+    How the copies travel is ``backend.replication.schedule``
+    (``gemini.checkpoint.senders``): ``naive`` and ``blocking`` send each copy
+    whole from the copy thread (``blocking`` also makes the snapshot wait for
+    it); the planned modes do the same until the generation's idle profile
+    exists, then hand each committed slot to an interleaving sender.
+    """
 
     name = "replicated"
 
     def __init__(self, ctx: BackendContext) -> None:
+        from gemini.checkpoint.senders import ImmediateSender, LinkFit, SpanClock
+        from gemini.config import PLANNED_SCHEDULES
+
         super().__init__(ctx)
         self.holders = replica_holders(self.cfg, ctx.node)
         self.clients: dict[int, TransportClient] = {}
+        self.schedule = self.cfg.backend.replication.schedule
+        planned = self.schedule in PLANNED_SCHEDULES
+        self.plans_replication = planned
+        self.link = LinkFit() if planned else None
+        self.immediate = ImmediateSender(
+            self.holders, self._client_for, max(self.chunk, 8 << 20), self.link
+        )
+        self.sender: ReplicaSender = self.immediate
+        self.span_clock = SpanClock() if planned else None
+        self._first_iteration = 0
+        self._ckpt_bytes = 0
+        self._needed = 1
+
+    def _client_for(self, node: int) -> TransportClient:
+        return self.clients.get(node) or self.clients.setdefault(node, self._client(node))
+
+    def _snapshot(self, step: int, state: TrainState, timing: SnapshotTiming) -> None:
+        if self.span_clock is not None:
+            # A plan starts at span 0 of the iteration after this snapshot.
+            self._first_iteration = self.span_clock.iteration + 1
+        super()._snapshot(step, state, timing)
+        if self.schedule == "blocking" and self._thread is not None:
+            # The trainer waits here, inside the snapshot, until every holder
+            # has acknowledged its copy: nothing overlaps the next step.
+            self._thread.join()
 
     def _after_commit(self, idx: int, manifest: fmt.Manifest, timing: SnapshotTiming) -> None:
+        from gemini.checkpoint.senders import InterleavedSender, Replica
+
         assert self.slots is not None
-        t0 = time.perf_counter()
-        raw = manifest.to_json()
-        data = self.slots.data_view(idx)[: manifest.data_nbytes]
-        for h in self.holders:
-            client = self.clients.get(h) or self.clients.setdefault(h, self._client(h))
-            # The snapshot's own digests travel with the put: the holder
-            # verifies against them, and nothing here hashes the slot again.
-            client.put(
-                self.ctx.rank,
-                manifest.step,
-                raw,
-                data,
-                chunk_bytes=max(self.chunk, 8 << 20),
-                checksums=manifest.checksums,
-                checksum_bytes=manifest.chunk_bytes,
-            )
-        timing.replicate_s = time.perf_counter() - t0
+        self._ckpt_bytes = manifest.data_nbytes
+        replica = Replica(
+            self.ctx.rank,
+            manifest.step,
+            manifest.to_json(),
+            self.slots.data_view(idx)[: manifest.data_nbytes],
+            manifest.checksums,
+            manifest.chunk_bytes,
+            timing,
+            self._first_iteration,
+        )
+        sender = self.sender
+        if isinstance(sender, InterleavedSender) and self.holders:
+            # Set before the hand-over: wait() reads it once this thread ends.
+            timing.replicating = True
+        sender.send(replica)
         super()._after_commit(idx, manifest, timing)
 
+    def _settle(self) -> None:
+        self.sender.settle()
+
+    # -- the plan ---------------------------------------------------------------
+    def interval_needed(self, spans_s: list[float]) -> int:
+        from gemini.checkpoint.senders import needed_interval
+
+        fit = self.link.fit() if self.link is not None else None
+        if not self.plans_replication or fit is None or not self.holders or not self._ckpt_bytes:
+            self._needed = 1
+        else:
+            alpha, bandwidth = fit
+            self._needed = needed_interval(
+                spans_s, self._ckpt_bytes, len(self.holders), self._buffer, bandwidth, alpha
+            )
+        return self._needed
+
+    @property
+    def _buffer(self) -> int:
+        """Largest chunk: the checksum/network chunk (``backend.chunk_mb``), which is
+        also the holder's one staging buffer under ``interleave_nopipe``."""
+        return self.chunk
+
+    def adopt_plan(self, spans_s: list[float], interval: int) -> dict[str, Any]:
+        from gemini.checkpoint.senders import (
+            InterleavedSender,
+            Schedule,
+            plan_for,
+            schedule_record,
+        )
+
+        fit = self.link.fit() if self.link is not None else None
+        interval = max(1, interval)
+        if not self.plans_replication or self.span_clock is None or not spans_s:
+            return {}
+        if fit is None or not self.holders or not self._ckpt_bytes:
+            # Nothing measured to plan with: this generation stays unplanned.
+            return schedule_record(self.schedule, fit, spans_s, self._needed, None)
+        alpha, bandwidth = fit
+        plan = plan_for(
+            spans_s, self._ckpt_bytes, len(self.holders), self._buffer, bandwidth, alpha, interval
+        )
+        # interleave: the holder receives straight into its slot, so the
+        # socket buffer pipelines receiving with landing and no staging copy
+        # is paid (on host memory the fastest way in); interleave_nopipe: one
+        # staging buffer the size of a chunk, received then drained in turn.
+        staging = self._buffer if self.schedule == "interleave_nopipe" else 0
+        schedule = Schedule(plan, self._ckpt_bytes, interval, staging, 1)
+        self.span_clock.spans = len(spans_s)
+        self.checkpoint_interval = interval
+        self.sender = InterleavedSender(
+            self.holders, self._client_for, schedule, self.span_clock, self.immediate
+        )
+        if interval > 1:
+            print(
+                f"[rank {self.ctx.rank}] {self.schedule}: the replicas need {self._needed} "
+                f"iteration(s) of idle spans (all ranks: {interval}); checkpointing every "
+                f"{interval} steps",
+                flush=True,
+            )
+        return schedule_record(self.schedule, fit, spans_s, self._needed, schedule)
+
     def _close(self, abandon: bool) -> None:
+        # The senders read the slots: they stop before the slots are unmapped.
+        if self._thread is not None:
+            self._thread.join()
+        self.sender.close()
         super()._close(abandon)
         for c in self.clients.values():
             c.close()

@@ -25,6 +25,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,6 +126,9 @@ class CommProfiler:
         self._start: float | None = None
         self.recording = steps > 0
         self._seen = 0
+        self.on_comm_done: Callable[[], None] | None = None
+        """Called as each bucket's all-reduce completes, profiling or not (the
+        interleaving sender's span signal)."""
 
     # -- the DDP communication hook ----------------------------------------------
     def install(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
@@ -145,12 +149,17 @@ class CommProfiler:
         buf = bucket.buffer()
         buf.mul_(1.0 / dist.get_world_size())
         fut = dist.all_reduce(buf, async_op=True).get_future()
-        if not self.recording:
+        listener, recording = self.on_comm_done, self.recording
+        if not recording and listener is None:
             return fut.then(lambda f: f.value()[0])
 
+        # Only timing and signalling here: the reduced values pass through.
         def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
-            with self._lock:
-                self._busy.append((t0, time.perf_counter()))
+            if recording:
+                with self._lock:
+                    self._busy.append((t0, time.perf_counter()))
+            if listener is not None:
+                listener()
             return f.value()[0]
 
         return fut.then(done)

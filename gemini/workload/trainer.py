@@ -276,7 +276,13 @@ class CadenceAgreement:
         self.iters: list[float] = []
 
     def should_checkpoint(self, step: int) -> bool:
-        return self.backend.enabled and self.policy.should_checkpoint(step)
+        # The interval is agreed on by every rank (trainer.agree_on_plan): the
+        # same steps everywhere.
+        return (
+            self.backend.enabled
+            and self.policy.should_checkpoint(step)
+            and step % self.backend.checkpoint_interval == 0
+        )
 
     def observe(self, step: int, compute_s: float, cost: float | None) -> float | None:
         """Feed the policy this step's timings; returns the (agreed) checkpoint cost."""
@@ -317,9 +323,14 @@ def train_step(
     ``profiler`` times the step's training communication (its first steps).
     """
     t0 = time.perf_counter()
+    clock = backend.span_clock
+    if clock is not None:
+        clock.begin_iteration()  # span 0 of this iteration
     if profiler is not None:
         profiler.begin()
     loss = state.forward_backward()
+    if clock is not None and not state.zero:
+        clock.busy_over()  # every gradient all-reduce is done: the iteration's tail
     stall = 0.0
     timing: SnapshotTiming | None = None
     if backend.busy:
@@ -328,13 +339,21 @@ def train_step(
         t_w = time.perf_counter()
         timing = backend.wait()
         stall += time.perf_counter() - t_w
+        if timing is not None and timing.replicating:
+            timing = None  # reported once its replicas are complete (settle)
     t_opt = time.perf_counter()
     state.optimizer_step()
     if profiler is not None and state.zero:
         # ZeRO's step ends in a broadcast of every rank's updated parameters.
         profiler.mark_busy(t_opt, time.perf_counter())
+    if clock is not None and state.zero:
+        clock.busy_over()
     if cadence.should_checkpoint(step):
         t_s = time.perf_counter()
+        # A planned schedule's replicas of the last snapshot must be complete
+        # before the next one starts: what is left of them goes now.
+        settled = backend.settle()
+        timing = settled or timing
         backend.snapshot(step, state)
         stall += time.perf_counter() - t_s
     iter_s = time.perf_counter() - t0
@@ -359,7 +378,24 @@ def train_step(
     profile = profiler.end() if profiler is not None else None
     if profile is not None:
         rec["idle_profile"] = profile.record()
+        if backend.plans_replication:
+            rec["interleave"] = agree_on_plan(backend, profile.spans_s, cadence.device)
     return rec
+
+
+def agree_on_plan(
+    backend: CheckpointBackend, spans_s: list[float], device: torch.device
+) -> dict[str, Any]:
+    """Plan the replicas into the idle spans with a checkpoint interval every rank shares.
+
+    Each rank computes the interval its own replicas need; the largest wins
+    (an all-reduce), so that every rank checkpoints the same steps and the
+    newest complete checkpoint is one step on every rank. Every rank reaches
+    this at the same step: the profile ends after the same count of steps.
+    """
+    need = torch.tensor([backend.interval_needed(spans_s)], device=device)
+    dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    return backend.adopt_plan(spans_s, int(need.item()))
 
 
 def comm_profiler(cfg: GeminiConfig, state: TrainState) -> CommProfiler | None:
@@ -380,6 +416,9 @@ def comm_profiler(cfg: GeminiConfig, state: TrainState) -> CommProfiler | None:
 def finish(me: Rank, state: TrainState, backend: CheckpointBackend, reporter: Reporter) -> None:
     """Commit the last snapshot, publish this rank's final digest, wait for everyone."""
     last = backend.wait()
+    if last is not None and last.replicating:
+        last = None
+    last = backend.settle() or last
     if last is not None:
         rec = {"step": state.step, "gen": me.gen, "t": time.time(), **_timing_record(last)}
         reporter.put({**rec, "ckpt_stall_s": last.stall_s, "final_wait": True})
@@ -442,6 +481,9 @@ def train(
             job, who.node, who.rank, who.local_rank, me.world, config_hash(cfg), generation=gen
         )
         backend = make_backend(ctx)
+        if profiler is not None and backend.span_clock is not None:
+            # Each completed all-reduce begins the next idle span.
+            profiler.on_comm_done = backend.span_clock.comm_done
         try:
             ready.update(restore(state, backend, me.plan), t=time.time())
         except RetrieveFailed as e:
