@@ -58,6 +58,9 @@ if rank == 0:
     differs = not torch.equal(grads(plain), grads(divided))
     same_signalled = torch.equal(grads(plain), grads(signalled))
     open(out, "w").write(f"{int(same)} {int(differs)} {int(same_signalled)} {len(signals)}")
+# Every rank done before any tears down: a rank whose peers already closed
+# their connections can abort inside gloo's teardown.
+dist.barrier()
 dist.destroy_process_group()
 """
 

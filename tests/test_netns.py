@@ -163,3 +163,19 @@ def test_a_machine_added_later_joins_the_fabric_and_leaves_it_on_remove(fabric: 
     fabric.remove(5)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert fabric.namespace(5) not in listed and fabric.namespace(0) in listed
+
+
+def test_the_bridge_keeps_its_address_when_a_machine_leaves(fabric: Fabric) -> None:
+    # Otherwise every namespace's cached ARP entry for the store's address
+    # goes stale when a lost machine's port is removed.
+    def bridge_mac() -> str:
+        out = subprocess.run(
+            ["ip", "-br", "link", "show", fabric.bridge], capture_output=True, text=True
+        ).stdout
+        return out.split()[2]
+
+    assert bridge_mac() == fabric.bridge_mac
+    fabric.add(7)
+    fabric.remove(0)
+    assert bridge_mac() == fabric.bridge_mac
+    assert send(fabric, 1, 7, 1 << 20) > 0

@@ -70,7 +70,7 @@ def test_a_partitioned_node_is_replaced_fences_itself_and_stays_out(
         f"failure.partition_s={heal_after_s}",
         # The survivor's all-reduce with a peer that vanished without a
         # reset waits this long before it leaves the generation.
-        "cluster.collective_timeout_s=5",
+        "cluster.collective_timeout_s=10",
     )
     assert summary["state_digest"] == reference.digest()
     # To the root a cut-off node is a lost one: its index goes to a standby,

@@ -171,6 +171,11 @@ class Fabric:
     def bridge(self) -> str:
         return f"gb{self.tag}"
 
+    @property
+    def bridge_mac(self) -> str:
+        """The bridge's own MAC address: locally administered, one per subnet."""
+        return f"02:00:c6:12:{self.subnet >> 8:02x}:{self.subnet & 0xFF:02x}"
+
     def namespace(self, machine: int) -> str:
         return f"{NS_PREFIX}{self.tag}-n{machine}"
 
@@ -200,7 +205,13 @@ class Fabric:
                 if not free:
                     raise NetnsError("every /24 of 198.18.0.0/15 is in use on this machine")
                 self.subnet = free[0]
-                _ip("link", "add", self.bridge, "type", "bridge")
+                # A bridge takes the lowest MAC address of its ports unless
+                # given one: removing a lost machine's port would change it,
+                # and every namespace's ARP entry for the store's address
+                # would point nowhere for as long as it stays cached (tens
+                # of seconds without a heartbeat). A fixed, locally
+                # administered address keeps it where it is.
+                _ip("link", "add", self.bridge, "address", self.bridge_mac, "type", "bridge")
                 self._up = True
                 _ip("addr", "add", f"{self.root_address}/24", "dev", self.bridge)
                 _ip("link", "set", self.bridge, "up")
