@@ -84,8 +84,12 @@ def test_every_option_of_every_group_composes_and_validates(
     compose_cfg: Callable[..., DictConfig], group: str, option: str
 ) -> None:
     prefix = "" if group in _primary_groups() else "+"
-    # A failure is composed with the backend and network that can inject every kind.
-    extra = ["backend=replicated", "cluster.network=netns"] if group == "failure" else []
+    # A failure is composed with the backend and network that can inject every kind;
+    # an ablation column names its backend itself (the tests' default is none).
+    extra = {
+        "failure": ["backend=replicated", "cluster.network=netns"],
+        "ablation": ["backend=replicated"],
+    }.get(group, [])
     cfg = compose_cfg(f"{prefix}{group}={option}", *extra)
     assert cfg.hydra.runtime.choices[group] == option
     typed = to_schema(cfg)
