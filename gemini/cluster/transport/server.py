@@ -111,6 +111,21 @@ class Handler(Protocol):
         ...
 
 
+class _Reserved:
+    """A slot a put is landing in: ended at most once, by a commit or an abort."""
+
+    def __init__(self, target: PutTarget, port: int, what: str) -> None:
+        self.target, self.port, self.what = target, port, what
+        self.done = False
+
+    def abort(self, reason: str) -> None:
+        self.done = True
+        try:
+            self.target.abort(reason)
+        except Exception:
+            log.exception("transport server %d: abort of %s raised", self.port, self.what)
+
+
 class TransportServer:
     """Serves puts, gets and lists of checkpoints to authenticated peers.
 
@@ -385,6 +400,23 @@ class TransportServer:
         elif not self._stop.is_set():
             log.warning("transport server %d: closing connection from %s: %s", self.port, peer, e)
 
+    def _reserve(
+        self,
+        conn: socket.socket,
+        source: int,
+        step: int,
+        data_len: int,
+        manifest_len: int,
+        what: str,
+    ) -> _Reserved | None:
+        """The holder's slot for one put, or None once the sender has been told why not."""
+        try:
+            target = self._handler.begin_put(source, step, data_len, manifest_len)
+        except Exception as e:
+            send_error(conn, f"refused by the holder: {e}")
+            return None
+        return _Reserved(target, self.port, what)
+
     def _serve_put(self, conn: socket.socket, req: dict[str, Any], header_buf: bytearray) -> None:
         ft = FrameType.PUT_BEGIN
         source = int_field(ft, req, "source")
@@ -399,20 +431,10 @@ class TransportServer:
                 f"{self._max_manifest_bytes}-byte limit",
             )
             return
-        try:
-            target = self._handler.begin_put(source, step, data_len, manifest_len)
-        except Exception as e:
-            send_error(conn, f"refused by the holder: {e}")
+        reserved = self._reserve(conn, source, step, data_len, manifest_len, what)
+        if reserved is None:
             return
-        done = False
-
-        def abort(reason: str) -> None:
-            nonlocal done
-            done = True
-            try:
-                target.abort(reason)
-            except Exception:
-                log.exception("transport server %d: abort of %s raised", self.port, what)
+        target, abort = reserved.target, reserved.abort
 
         try:
             try:
@@ -457,7 +479,7 @@ class TransportServer:
                 return
             try:
                 target.commit(manifest)
-                done = True
+                reserved.done = True
             except Exception as e:
                 reason = f"commit failed: {e}"
                 abort(reason)
@@ -465,7 +487,7 @@ class TransportServer:
                 return
             send_json(conn, FrameType.ACK, {"source": source, "step": step, "bytes": data_len})
         except BaseException as e:
-            if not done:
+            if not reserved.done:
                 abort(str(e) if isinstance(e, TransportError) else f"put of {what} failed: {e}")
             raise
 
@@ -507,20 +529,10 @@ class TransportServer:
         if problem is not None:
             send_error(conn, f"refused by the holder: {problem}")
             return
-        try:
-            target = self._handler.begin_put(source, step, data_len, manifest_len)
-        except Exception as e:
-            send_error(conn, f"refused by the holder: {e}")
+        reserved = self._reserve(conn, source, step, data_len, manifest_len, what)
+        if reserved is None:
             return
-        done = False
-
-        def abort(reason: str) -> None:
-            nonlocal done
-            done = True
-            try:
-                target.abort(reason)
-            except Exception:
-                log.exception("transport server %d: abort of %s raised", self.port, what)
+        target, abort = reserved.target, reserved.abort
 
         def refuse(reason: str) -> NoReturn:
             """Tell the sender why, abort, and end the (out of step) connection."""
@@ -629,7 +641,7 @@ class TransportServer:
                 return
             try:
                 target.commit(manifest)
-                done = True
+                reserved.done = True
             except Exception as e:
                 reason = f"commit failed: {e}"
                 abort(reason)
@@ -650,11 +662,11 @@ class TransportServer:
             got = 0 if receiver is None else receiver.received
             detail = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
             reason = f"put of {what} failed after {got} of {data_len} bytes: {detail}"
-            if not done:
+            if not reserved.done:
                 abort(reason)
             raise TransportError(reason) from None
         except BaseException as e:
-            if not done:
+            if not reserved.done:
                 abort(f"put of {what} failed: {e}")
             raise
         finally:
