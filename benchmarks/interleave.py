@@ -87,6 +87,16 @@ def replicated(a: argparse.Namespace, mode: str) -> list[str]:
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
     networks = ["netns", "loopback"] if a.network == "both" else [a.network]
+    if "netns" in networks:
+        from gemini.cluster.netns import NetnsError, check_available
+
+        try:
+            check_available()
+        except NetnsError as e:
+            if a.network == "netns":
+                raise SystemExit(f"--network netns: {e}") from None
+            print(f"emulated links unavailable ({e}): loopback only", flush=True)
+            networks = ["loopback"]
     modes = list(MODES) if not a.only else a.only.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
