@@ -190,6 +190,8 @@ class WorkerAgent:
                 # trainers on this host would otherwise have.
                 time.sleep(0.1)
         finally:
+            # Leaving: beats stop from here on, and that must not read as a lost lease.
+            self._stopping = True
             self.close_spares()
             self.stop_trainers()
             self.close_parked()
