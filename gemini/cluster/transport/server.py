@@ -417,6 +417,31 @@ class TransportServer:
             return None
         return _Reserved(target, self.port, what)
 
+    def _conclude(
+        self,
+        conn: socket.socket,
+        reserved: _Reserved,
+        mismatch: str | None,
+        manifest: bytes,
+        ack: dict[str, Any],
+    ) -> None:
+        """End a fully received put: abort on a checksum ``mismatch``, else commit and
+        acknowledge; the sender hears why either way."""
+        if mismatch is not None:
+            reserved.abort(mismatch)
+            log.warning("transport server %d: %s", self.port, mismatch)
+            send_error(conn, mismatch)
+            return
+        try:
+            reserved.target.commit(manifest)
+            reserved.done = True
+        except Exception as e:
+            reason = f"commit failed: {e}"
+            reserved.abort(reason)
+            send_error(conn, reason)
+            return
+        send_json(conn, FrameType.ACK, ack)
+
     def _serve_put(self, conn: socket.socket, req: dict[str, Any], header_buf: bytearray) -> None:
         ft = FrameType.PUT_BEGIN
         source = int_field(ft, req, "source")
@@ -471,21 +496,14 @@ class TransportServer:
                 ) from None
             except TransportError as e:
                 raise TransportError(f"put of {what} failed: {e}") from None
-            if bad is not None:
-                reason = f"checksum mismatch in chunk {bad} of {what}"
-                abort(reason)
-                log.warning("transport server %d: %s", self.port, reason)
-                send_error(conn, reason)
-                return
-            try:
-                target.commit(manifest)
-                reserved.done = True
-            except Exception as e:
-                reason = f"commit failed: {e}"
-                abort(reason)
-                send_error(conn, reason)
-                return
-            send_json(conn, FrameType.ACK, {"source": source, "step": step, "bytes": data_len})
+            mismatch = None if bad is None else f"checksum mismatch in chunk {bad} of {what}"
+            self._conclude(
+                conn,
+                reserved,
+                mismatch,
+                manifest,
+                {"source": source, "step": step, "bytes": data_len},
+            )
         except BaseException as e:
             if not reserved.done:
                 abort(str(e) if isinstance(e, TransportError) else f"put of {what} failed: {e}")
@@ -632,22 +650,17 @@ class TransportServer:
             ours = receiver.drained()
             pairs = enumerate(zip(ours, theirs, strict=True))
             bad = next((i for i, (a, b) in pairs if a != b), None)
+            mismatch = None
             if bad is not None:
                 start, end = receiver.hasher.chunk_span(bad)
-                reason = f"checksum mismatch in chunk {bad} (bytes [{start}, {end})) of {what}"
-                abort(reason)
-                log.warning("transport server %d: %s", self.port, reason)
-                send_error(conn, reason)
-                return
-            try:
-                target.commit(manifest)
-                reserved.done = True
-            except Exception as e:
-                reason = f"commit failed: {e}"
-                abort(reason)
-                send_error(conn, reason)
-                return
-            send_json(conn, FrameType.ACK, {"source": source, "step": step, "bytes": data_len})
+                mismatch = f"checksum mismatch in chunk {bad} (bytes [{start}, {end})) of {what}"
+            self._conclude(
+                conn,
+                reserved,
+                mismatch,
+                manifest,
+                {"source": source, "step": step, "bytes": data_len},
+            )
         except _PutRefused:
             raise
         except TIMEOUTS:
