@@ -88,3 +88,53 @@ def test_every_schedule_ends_with_the_failure_free_state(
         assert_planned(summary, mode)
     else:
         assert "interleave" not in summary
+
+
+def test_a_kill_during_a_snapshot_under_interleave_with_zero_recovers_exactly(
+    reference: References, run_job: RunJob
+) -> None:
+    # ZeRO's parameter broadcast counts as communication in the profile; the
+    # kill is armed once the plan is in force, so it lands in a planned
+    # snapshot (every interval steps) and the other slot is the one restored.
+    summary, _ = job(
+        run_job,
+        "train.parallel=zero",
+        "backend=replicated",
+        "backend.replication.factor=2",
+        "backend.replication.schedule=interleave",
+        f"backend.replication.profile_steps={PROFILE_STEPS}",
+        "failure=kill_during_snapshot",
+        f"failure.at_step={AT_STEP}",
+        "failure.node=1",
+        steps=STEPS,
+    )
+    assert summary["state_digest"] == reference.digest(STEPS, "train.parallel=zero")
+    rec = only_recovery(summary, "software")
+    (fired,) = rec["injected"]
+    assert fired["kind"] == "kill_during_snapshot"
+    k = summary["interleave_interval"]
+    # It lands in the first snapshot at or after its step, which is planned.
+    assert fired["step"] >= AT_STEP and fired["step"] % k == 0
+    assert rec["failed_ranks"] == [1]
+    assert rec["restored_step"] < fired["step"]
+    assert_planned(summary, "interleave")
+
+
+def test_an_adaptive_cadence_under_interleave_ends_with_the_failure_free_state(
+    reference: References, run_job: RunJob
+) -> None:
+    # The cadence and the planned interval both gate a snapshot: a step is
+    # checkpointed when the cadence picks it and it is a multiple of the interval.
+    summary, _ = job(
+        run_job,
+        "backend=replicated",
+        "backend.cadence=checkfreq",
+        "backend.replication.factor=2",
+        "backend.replication.schedule=interleave",
+        f"backend.replication.profile_steps={PROFILE_STEPS}",
+        "failure=none",
+        steps=STEPS,
+    )
+    assert summary["state_digest"] == reference.digest(STEPS)
+    assert summary["checkpoints"] >= 1
+    assert_planned(summary, "interleave")
