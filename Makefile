@@ -18,7 +18,7 @@ PYTEST := $(BIN)/python -m pytest --durations=15
 # Recursive (=), so the check runs only for the targets that use it.
 NOT_SLURM = $(if $(shell scripts/slurm.sh status >/dev/null 2>&1 && echo up),, and not slurm)
 
-.PHONY: venv run test test-slow test-all lint bench soak clean slurm-up slurm-down mlflow-server
+.PHONY: venv run simulate test test-slow test-all lint bench soak clean slurm-up slurm-down mlflow-server
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ $(STAMP): pyproject.toml
 
 run: venv
 	$(BIN)/gemini
+
+# The cluster-scale model (README: Simulating a large cluster), e.g.
+# `make simulate SIM_ARGS="nodes=16,128,1000,10000 failures_per_day=1,2,4,8"`.
+SIM_ARGS ?=
+simulate: venv
+	$(BIN)/gemini-simulate $(SIM_ARGS)
 
 # The default suite: everything but the slow end-to-end runs (and GPU checks).
 test: venv
