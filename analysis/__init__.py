@@ -1,1 +1,0 @@
-"""Figures and tables drawn from the MLflow store (see analysis/README.md)."""
