@@ -66,23 +66,29 @@ def check_overrides(args: list[str]) -> None:
                 fail(f"{key}={v}: unknown option; choose one of {', '.join(known)}")
 
 
-def _one_line(e: BaseException, overrides: list[str] | None = None) -> str:
-    """The key, the value and the reason of a composition error, on one line."""
+def one_line_error(
+    e: BaseException, overrides: list[str] | None = None, *, unknown_hint: str = ""
+) -> str:
+    """The key, the value and the reason of a composition error, on one line.
+
+    Every console script (``gemini``, ``gemini-simulate``, ``gemini-report``)
+    refuses a bad override through this; ``unknown_hint`` says what to do about
+    a key that does not exist (default: ``gemini --cfg job`` lists them).
+    """
     from omegaconf.errors import OmegaConfBaseException
 
     # Hydra names the whole override ("foo.bar"); OmegaConf only the first
-    # missing part of it ("foo").
+    # missing part of it ("foo"), and an element of a list as "foo[2]".
     override = re.match(r"Could not override '([^']+)'", str(e).strip())
     seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
             msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
-            key = override.group(1) if override else str(seen.full_key)
+            key = override.group(1) if override else re.sub(r"\[\d+\]$", "", str(seen.full_key))
             given = _given(key, overrides or [])
             if "not in struct" in msg or ("Key '" in msg and "not" in msg):
-                return (
-                    f"{given}: no such setting; check the spelling (`gemini --cfg job` lists them)"
-                )
+                hint = unknown_hint or "check the spelling (`gemini --cfg job` lists them)"
+                return f"{given}: no such setting; {hint}"
             return f"{given}: {msg}; fix the value"
         seen = seen.__cause__ or seen.__context__
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
@@ -153,7 +159,7 @@ def check_composition(args: list[str]) -> None:
         except ConfigError as e:
             fail(str(e))
         except Exception as e:  # composition errors: unknown keys, wrong types
-            fail(_one_line(e, overrides))
+            fail(one_line_error(e, overrides))
         finally:
             GlobalHydra.instance().clear()
         outputs.append(typed.paths.outputs)

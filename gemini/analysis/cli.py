@@ -80,35 +80,12 @@ def default_out(cfg: ReportConfig) -> Path:
     return Path(cfg.paths.outputs) / "reports" / f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
-def _one_line(e: BaseException, overrides: list[str]) -> str:
-    from omegaconf.errors import OmegaConfBaseException
-
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
-            msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
-            key = str(seen.full_key)
-            # The key as the user wrote it, with the value they gave.
-            given = next(
-                (o for o in overrides if o.lstrip("+~").startswith((key + "=", key + "."))), key
-            )
-            if "not in struct" in msg or ("Key '" in msg and "not" in msg):
-                return (
-                    f"{given.lstrip('+~')}: no such setting; use tracking.uri, "
-                    "tracking.experiment, paths.outputs, out or log"
-                )
-            return f"{given.lstrip('+~')}: {msg}; fix the value"
-        seen = seen.__cause__ or seen.__context__
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def check(args: list[str]) -> None:
     """Compose the config as Hydra will and refuse errors in one line, before Hydra runs."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from gemini.cli import CONF
+    from gemini.cli import CONF, one_line_error
 
     if any(a.startswith("-") for a in args):
         return  # --help, --cfg job, ...: Hydra's own
@@ -118,7 +95,13 @@ def check(args: list[str]) -> None:
             cfg = compose(CONFIG_NAME, overrides=args)
         to_schema(cfg)
     except Exception as e:  # composition errors: unknown keys, wrong types
-        fail(_one_line(e, args))
+        fail(
+            one_line_error(
+                e,
+                args,
+                unknown_hint="use tracking.uri, tracking.experiment, paths.outputs, out or log",
+            )
+        )
     finally:
         GlobalHydra.instance().clear()
 

@@ -9,7 +9,6 @@ exit status 2, before Hydra creates the run dir.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -78,29 +77,6 @@ def _check_syntax(overrides: list[str], given: list[str]) -> None:
             fail(f"{original}: {first}: write key=value, lists as a,b or [a,b]")
 
 
-def _one_line(e: BaseException, overrides: list[str]) -> str:
-    """The key, the value and the reason of a composition error, on one line."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    named = re.match(r"Could not override '([^']+)'", str(e).strip())
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
-            msg = str(getattr(seen, "msg", "") or seen).strip().splitlines()[0]
-            key = named.group(1) if named else re.sub(r"\[\d+\]$", "", str(seen.full_key))
-            given = next(
-                (o.lstrip("+~") for o in overrides if o.lstrip("+~").split("=")[0] == key), key
-            )
-            if "not in struct" in msg or ("Key '" in msg and "not" in msg):
-                return (
-                    f"{given}: no such setting; check the spelling (`{PROG} --cfg job` lists them)"
-                )
-            return f"{given}: {msg}; fix the value"
-        seen = seen.__cause__ or seen.__context__
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def check_args(args: list[str], given: list[str]) -> None:
     """Compose, type and check the config, read measured costs: refuse errors in one line.
 
@@ -110,6 +86,7 @@ def check_args(args: list[str], given: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from gemini.cli import one_line_error
     from gemini.simulate.record import resolve_costs
 
     if any(a in ("-m", "--multirun") for a in args):
@@ -132,7 +109,8 @@ def check_args(args: list[str], given: list[str]) -> None:
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # composition errors: unknown keys, wrong types
-        fail(_one_line(e, originals))
+        hint = f"check the spelling (`{PROG} --cfg job` lists them)"
+        fail(one_line_error(e, originals, unknown_hint=hint))
     finally:
         GlobalHydra.instance().clear()
 
