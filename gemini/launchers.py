@@ -284,7 +284,7 @@ class PerJobShape(stock.BaseSubmititLauncher):
         if any(r.status == JobStatus.FAILED for r in returns):
             # report_failures ends the process, before Hydra's end of the multirun:
             # the sweep's table and parent run end here instead.
-            from gemini.tracking import end_multirun
+            from gemini.multirun_table import end_multirun
 
             end_multirun(self.config)
         report_failures(returns, initial_job_idx)

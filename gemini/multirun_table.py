@@ -8,7 +8,9 @@ or killed before its end) is a row too, with that as its outcome.
 
 :func:`build_table` is a pure function over :class:`JobRecord` values;
 :func:`read_jobs` reads them, :func:`write_table` leaves ``multirun_table.md``
-and ``multirun_table.csv`` beside the jobs.
+and ``multirun_table.csv`` beside the jobs, and :func:`end_multirun` does it
+all when a multirun ends (Hydra's callback, or a launcher exiting on a failed
+job), printing the table and ending the sweep's parent MLflow run.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 TABLE_MD = "multirun_table.md"
 TABLE_CSV = "multirun_table.csv"
@@ -247,3 +252,47 @@ def write_table(sweep_dir: Path, table: Table, title: str = "") -> list[Path]:
     csv_path = sweep_dir / TABLE_CSV
     csv_path.write_text(to_csv(table))
     return [md, csv_path]
+
+
+def end_multirun(config: DictConfig) -> None:
+    """Print the table comparing the sweep's jobs, leave it in the sweep dir, and end the
+    parent run (FAILED if a job did not complete) with the table as its artifact.
+
+    Called when the multirun ends, and by the SLURM launchers before they exit on a
+    failed job. Works without a tracking store: the table is read from the job dirs.
+    """
+    from gemini.tracking import sweep_name
+
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep = sweep_name(config.hydra.runtime.choices)
+    table = build_table(read_jobs(sweep_dir))
+    failed = len(table.failed)
+    title = (
+        f"Sweep {sweep + ': ' if sweep else ''}{len(table.rows)} jobs"
+        + (f", {failed} did not complete" if failed else "")
+        + f" ({sweep_dir})"
+    )
+    paths = write_table(sweep_dir, table, title) if sweep_dir.is_dir() else []
+    link = _end_parent(sweep_dir, paths, failed=failed > 0)
+    if not config.get("progress", True):
+        return
+    print(f"\n{title}\n{to_text(table)}")
+    if paths:
+        print(f"table: {paths[0]} (and {paths[1].name})")
+    if link:
+        print(f"MLflow, the sweep's runs with their key metrics:\n  {link}")
+
+
+def _end_parent(sweep_dir: Path, artifacts: list[Path], *, failed: bool) -> str:
+    """Log the table to the sweep's parent run and end it; how to see the sweep in the UI."""
+    from gemini.tracking import PARENT_FILE, browse_hint, client_at
+
+    try:
+        run_id, uri = (sweep_dir / PARENT_FILE).read_text().splitlines()[:2]
+    except (OSError, ValueError):
+        return ""  # tracking off, or the sweep never started its parent run
+    client = client_at(uri)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    return browse_hint(uri, str(client.get_run(run_id).info.experiment_id))

@@ -151,6 +151,11 @@ def mlflow_client(cfg: GeminiConfig) -> Any:
     return _mlflow().MlflowClient(tracking_uri(cfg))
 
 
+def client_at(uri: str) -> Any:
+    """A client of the tracking store at ``uri``."""
+    return _mlflow().MlflowClient(uri)
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside an sqlite store (``<db dir>/mlartifacts``).
 
@@ -254,7 +259,8 @@ JOB_TAGS = ("backend", "failure_schedule", "model", "parallel")
 
 class MultirunParentCallback(Callback):
     """Hydra callback: a parent MLflow run that every job of the multirun nests under,
-    and the table comparing the jobs when the multirun ends (:func:`end_multirun`)."""
+    and the table comparing the jobs when the multirun ends
+    (:func:`gemini.multirun_table.end_multirun`)."""
 
     def __init__(self) -> None:
         self.run_id: str | None = None
@@ -297,49 +303,9 @@ class MultirunParentCallback(Callback):
         (sweep_dir / PARENT_FILE).write_text(f"{self.run_id}\n{self.uri}\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from gemini.multirun_table import end_multirun
+
         end_multirun(config)
-
-
-def end_multirun(config: DictConfig) -> None:
-    """Print the table comparing the sweep's jobs, leave it in the sweep dir, and end the
-    parent run (FAILED if a job did not complete) with the table as its artifact.
-
-    Called when the multirun ends, and by the SLURM launchers before they exit on a
-    failed job. Works without a tracking store: the table is read from the job dirs.
-    """
-    from gemini.multirun_table import build_table, read_jobs, to_text, write_table
-
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep = sweep_name(config.hydra.runtime.choices)
-    table = build_table(read_jobs(sweep_dir))
-    failed = len(table.failed)
-    title = (
-        f"Sweep {sweep + ': ' if sweep else ''}{len(table.rows)} jobs"
-        + (f", {failed} did not complete" if failed else "")
-        + f" ({sweep_dir})"
-    )
-    paths = write_table(sweep_dir, table, title) if sweep_dir.is_dir() else []
-    link = _end_parent(sweep_dir, paths, failed=failed > 0)
-    if not config.get("progress", True):
-        return
-    print(f"\n{title}\n{to_text(table)}")
-    if paths:
-        print(f"table: {paths[0]} (and {paths[1].name})")
-    if link:
-        print(f"MLflow, the sweep's runs with their key metrics:\n  {link}")
-
-
-def _end_parent(sweep_dir: Path, artifacts: list[Path], *, failed: bool) -> str:
-    """Log the table to the sweep's parent run and end it; how to see the sweep in the UI."""
-    try:
-        run_id, uri = (sweep_dir / PARENT_FILE).read_text().splitlines()[:2]
-    except (OSError, ValueError):
-        return ""  # tracking off, or the sweep never started its parent run
-    client = _mlflow().MlflowClient(uri)
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-    return browse_hint(uri, str(client.get_run(run_id).info.experiment_id))
 
 
 def slurm_tags() -> dict[str, str]:
