@@ -332,3 +332,40 @@ def test_a_failed_job_does_not_stop_the_sweep_and_is_a_row_of_its_table(
     exp = client.get_experiment_by_name("gemini")
     (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'multirun'")
     assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_jobs_run_as_submitit_tasks_carry_the_sweep_tag_and_the_table_is_left(
+    tmp_path: Path,
+) -> None:
+    """A task of the submitit launcher has Hydra's config of its own job: the tag comes
+    from there, as in a local multirun."""
+    import mlflow
+
+    outputs = tmp_path / "outputs"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "+sweep=fig7_overhead",
+        "model=mlp",
+        "train.steps=3",
+        "backend=none,replicated",
+        "progress=false",
+        f"tracking.uri={uri}",
+    ]
+    rc, _, err = run_cli(args, tmp_path, outputs=outputs, timeout_s=500)
+    assert_nothing_left(tmp_path)
+    assert rc == 0, err
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("gemini")
+    runs = client.search_runs([exp.experiment_id])
+    jobs = [r for r in runs if r.data.tags.get("kind") != "multirun"]
+    assert len(jobs) == 2
+    assert all(r.data.tags.get("submitit_local_job_id") for r in jobs)
+    assert {r.data.tags.get("sweep") for r in jobs} == {"fig7_overhead"}
+    (sweep_dir,) = (outputs / "multiruns").iterdir()
+    rows = list(csv.DictReader(io.StringIO((sweep_dir / TABLE_CSV).read_text())))
+    assert [r["backend"] for r in rows] == ["none", "replicated"]
