@@ -177,6 +177,20 @@ def check_writable_or_fail(path: str) -> None:
         fail(str(e))
 
 
+FAILED_JOBS: list[str] = []
+"""Jobs of this process's multirun that ended without completing (their messages)."""
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
 def _task(cfg: DictConfig) -> None:
     from gemini.experiment import JobFailed, run
 
@@ -195,6 +209,11 @@ def _task(cfg: DictConfig) -> None:
         print(f"gemini: {e}", file=sys.stderr)
         if in_task:
             raise
+        if _in_multirun():
+            # The sweep goes on with its other jobs: its table shows this one's
+            # outcome, and the command still exits 1 once the sweep is over.
+            FAILED_JOBS.append(str(e))
+            return
         sys.exit(1)
     except KeyboardInterrupt as e:
         print(
@@ -227,6 +246,8 @@ def main() -> None:
         app()
     except ConfigError as e:  # raised while composing (e.g. a resolver)
         fail(str(e))
+    if FAILED_JOBS:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from gemini.cluster.addresses import store_address
 from gemini.config import ConfigError, GeminiConfig, to_schema, validate
 from gemini.exactness import Verdict, look_up_verdict, run_tags
 from gemini.recovery import PHASES, RECOVERY_METRICS
-from gemini.tracking import tracking_uri, ui_command
+from gemini.tracking import browse_hint, mlflow_client, tracking_uri
 
 if TYPE_CHECKING:
     from gemini.cluster.base import Cluster
@@ -630,7 +630,8 @@ def print_results(cfg: GeminiConfig, s: dict[str, Any], recoveries: list[dict[st
             print(f"  restored from: {where}")
     print("-" * (width + 40))
     if cfg.tracking.enabled:
+        exp = mlflow_client(cfg).get_experiment_by_name(cfg.tracking.experiment)
         print(
             f"MLflow run {s.get('mlflow_run_id', '')}; browse with:\n"
-            f"  {ui_command(tracking_uri(cfg))}"
+            f"  {browse_hint(tracking_uri(cfg), str(exp.experiment_id) if exp else '0')}"
         )

@@ -33,7 +33,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as stock
 from hydra_plugins.hydra_submitit_launcher.config import (
     BaseQueueConf,
@@ -281,6 +281,12 @@ class PerJobShape(stock.BaseSubmititLauncher):
         returns = [submitted[i].results()[0] for i in range(len(job_overrides))]
         if self._EXECUTOR == "slurm":
             settle(list(submitted.values()))
+        if any(r.status == JobStatus.FAILED for r in returns):
+            # report_failures ends the process, before Hydra's end of the multirun:
+            # the sweep's table and parent run end here instead.
+            from gemini.multirun_table import end_multirun
+
+            end_multirun(self.config)
         report_failures(returns, initial_job_idx)
         return returns
 
@@ -331,8 +337,6 @@ def report_failures(returns: Sequence[JobReturn], initial_job_idx: int) -> None:
     """One line per job that failed, then exit as a local run would (2 when every
     failure was a refusal, else 1): the jobs' own logs hold the rest."""
     import sys
-
-    from hydra.core.utils import JobStatus
 
     from gemini.experiment import JobFailed
 

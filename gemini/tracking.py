@@ -151,6 +151,11 @@ def mlflow_client(cfg: GeminiConfig) -> Any:
     return _mlflow().MlflowClient(tracking_uri(cfg))
 
 
+def client_at(uri: str) -> Any:
+    """A client of the tracking store at ``uri``."""
+    return _mlflow().MlflowClient(uri)
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside an sqlite store (``<db dir>/mlartifacts``).
 
@@ -165,13 +170,33 @@ def artifact_location(uri: str) -> str | None:
 
 
 def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if new; either way tagged so that MLflow's
+    UI opens it as a training experiment, with a view of the key metrics
+    (:mod:`gemini.mlflow_view`)."""
+    from gemini.mlflow_view import missing_tags
+
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    try:
-        return str(mlflow.create_experiment(name, artifact_location=artifact_location(uri)))
-    except Exception:  # another job of the sweep created it first
-        return str(mlflow.get_experiment_by_name(name).experiment_id)
+    if exp is None:
+        try:
+            return str(
+                mlflow.create_experiment(
+                    name, artifact_location=artifact_location(uri), tags=missing_tags({})
+                )
+            )
+        except Exception:  # another job of the sweep created it first
+            exp = mlflow.get_experiment_by_name(name)
+    client = mlflow.MlflowClient(uri)
+    for key, value in missing_tags(exp.tags).items():
+        client.set_experiment_tag(exp.experiment_id, key, value)
+    return str(exp.experiment_id)
+
+
+def browse_hint(uri: str, experiment_id: str) -> str:
+    """How to see an experiment's runs: its link, after ``mlflow ui`` for a store."""
+    from gemini.mlflow_view import experiment_url
+
+    link = experiment_url(uri, experiment_id)
+    return link if is_server_uri(uri) else f"{ui_command(uri)}\n  then open {link}"
 
 
 def git_sha() -> str:
@@ -207,8 +232,35 @@ def host_tags(cfg: GeminiConfig) -> dict[str, str]:
     }
 
 
+SWEEP_TAG = "sweep"
+"""Run tag: the ``+sweep=NAME`` config a job or multirun was composed with."""
+
+
+def sweep_name(choices: Any = None) -> str | None:
+    """The ``sweep`` group's choice among Hydra's runtime ``choices``; None without one.
+
+    Without ``choices``, those of the running job: ``HydraConfig`` is set in the
+    process that runs it, locally and in a submitit task alike.
+    """
+    if choices is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            choices = HydraConfig.get().runtime.choices
+        except ValueError:  # not under Hydra
+            return None
+    name = choices.get("sweep") if choices is not None else None
+    return str(name) if name else None
+
+
+JOB_TAGS = ("backend", "failure_schedule", "model", "parallel")
+"""Tags of :func:`host_tags` that describe one job: a multirun's parent run has none."""
+
+
 class MultirunParentCallback(Callback):
-    """Hydra callback: a parent MLflow run that every job of the multirun nests under."""
+    """Hydra callback: a parent MLflow run that every job of the multirun nests under,
+    and the table comparing the jobs when the multirun ends
+    (:func:`gemini.multirun_table.end_multirun`)."""
 
     def __init__(self) -> None:
         self.run_id: str | None = None
@@ -234,22 +286,26 @@ class MultirunParentCallback(Callback):
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(hydra_cfg.overrides.task)
+        sweep = sweep_name(hydra_cfg.runtime.choices)
         run = client.create_run(
             exp_id,
-            run_name=f"sweep {sweep_dir.name}",
+            run_name=f"sweep {sweep + ' ' if sweep else ''}{sweep_dir.name}",
             tags={
                 "kind": "multirun",
                 "sweep_dir": str(sweep_dir),
                 "overrides": " ".join(overrides),
-                **host_tags(cfg),
+                # The machine's facts; what each job ran is its own run's.
+                **{k: v for k, v in host_tags(cfg).items() if k not in JOB_TAGS},
+                **({SWEEP_TAG: sweep} if sweep else {}),
             },
         )
         self.run_id = run.info.run_id
         (sweep_dir / PARENT_FILE).write_text(f"{self.run_id}\n{self.uri}\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.run_id and self.uri:
-            _mlflow().MlflowClient(self.uri).set_terminated(self.run_id)
+        from gemini.multirun_table import end_multirun
+
+        end_multirun(config)
 
 
 def slurm_tags() -> dict[str, str]:
@@ -290,6 +346,9 @@ def _job_tags(
     cfg: GeminiConfig, job_dir: Path, parent: str | None, tags: dict[str, str] | None
 ) -> dict[str, str]:
     out = {**host_tags(cfg), **(tags or {}), "job_dir": str(job_dir)}
+    sweep = sweep_name()
+    if sweep:
+        out[SWEEP_TAG] = sweep
     if parent:
         out["mlflow.parentRunId"] = parent
     return out
