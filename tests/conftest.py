@@ -30,6 +30,9 @@ import psutil
 import pytest
 from omegaconf import DictConfig
 
+# A store of real jobs, built once per session for every module that reads it.
+from report_store import job_store  # noqa: F401
+
 from gemini.cluster.store import Store
 
 # Where checkpoint segments live (gemini.checkpoint.slot honours the same variable).

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from report_store import log_simulation, sim_tables
 
 from gemini.analysis import (
     FIGURES,
@@ -207,45 +208,6 @@ def test_wasted_time_names_the_papers_systems_and_compares_at_the_emulated_stora
 
 
 # -- simulated tables, from a real store ------------------------------------------
-
-
-def log_simulation(uri: str, tables: dict[str, pd.DataFrame], tmp: Path) -> str:
-    """A simulation run as the simulator logs one: tag kind=simulation, CSV artifacts."""
-    from mlflow import MlflowClient
-
-    c = MlflowClient(uri)
-    exp = c.get_experiment_by_name("gemini")
-    exp_id = exp.experiment_id if exp else c.create_experiment("gemini", (tmp / "art").as_uri())
-    run = c.create_run(exp_id, tags={"kind": "simulation", "host": "simbox", "cpu_cores": "2"})
-    for name, df in tables.items():
-        df.to_csv(tmp / f"{name}.csv", index=False)
-        c.log_artifact(run.info.run_id, str(tmp / f"{name}.csv"))
-    c.set_terminated(run.info.run_id)
-    return str(run.info.run_id)
-
-
-def sim_tables() -> dict[str, pd.DataFrame]:
-    fig9 = recovery_probability_data([8, 16])[["N", "m", "k", "placement", "method"]]
-    fig9 = fig9.assign(probability=recovery_probability_data([8, 16])["probability"], exact=True)
-    mc = fig9.assign(method="monte_carlo", exact=False, probability=fig9["probability"] - 0.01)
-    fig11 = pd.DataFrame(
-        [
-            {"N": n, "net_gbps": g, "storage_gbps": 20, "ckpt_bytes": 1e12,
-             "t_storage_s": 400.0 * n / 16, "t_gemini_s": 400.0 / (g / 10 * 16 / n),
-             "reduction": g / 10 * 16 / n * n / 16 * 16}
-            for n in (16, 64) for g in (100, 400)
-        ]
-    )  # fmt: skip
-    fig15 = pd.DataFrame(
-        [
-            {"system": s, "N": n, "failures_per_day": f, "days": 7,
-             "effective_ratio": r - n / 50000 - f / 100, "failures": 3, "from_memory": 2,
-             "from_storage": 1, "cost_source": "model"}
-            for s, r in (("Gemini", 0.93), ("HighFreq", 0.8))
-            for n, f in ((16, 2), (128, 2), (1000, 2), (16, 4), (16, 8))
-        ]
-    )  # fmt: skip
-    return {"fig9": pd.concat([fig9, mc]), "fig11": fig11, "fig15": fig15}
 
 
 def test_simulated_figures_come_from_the_newest_simulation_run(tmp_path: Path) -> None:

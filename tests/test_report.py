@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_analysis import log_simulation, sim_tables
+from report_store import JobStore, log_simulation, sim_tables
 
 from gemini.analysis import load_runs
 from gemini.analysis.report import Report, write_report
@@ -84,37 +84,12 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """Three real jobs (mlp, 2 nodes): no checkpoint, replicated, and replicated through a
-    software failure; a simulation run; then the report."""
-    from conftest import assert_nothing_left, compose_config
-
-    from gemini.experiment import run
-
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    for i, (backend, failure, steps) in enumerate(
-        [("none", "none", 4), ("replicated", "none", 4), ("replicated", "software_once", 6)]
-    ):
-        cfg = compose_config(
-            [
-                f"paths.outputs={root}",
-                "progress=false",
-                "model=mlp",
-                "cluster.nodes=2",
-                f"train.steps={steps}",
-                f"backend={backend}",
-                # No idle-span profile: Fig. 8 then has no data and must say so.
-                "backend.replication.profile_steps=0",
-                f"failure={failure}",
-            ]
-        )
-        run(cfg, job_dir=root / f"job{i}")
-        assert_nothing_left(root / f"job{i}")
+def store(job_store: JobStore) -> Store:
+    """The shared store of real jobs (report_store.py), and the report on it."""
     # The job that recovered drew its timeline in the report's style.
-    assert (root / "job2" / "recovery_timeline.png").is_file()
-    log_simulation(uri, sim_tables(), root)
-    return Store(root, uri, write_report(uri, root / "report"))
+    assert (job_store.root / "job2" / "recovery_timeline.png").is_file()
+    report = write_report(job_store.uri, job_store.root / "report")
+    return Store(job_store.root, job_store.uri, report)
 
 
 def run_metric(uri: str, backend: str, failure: str, key: str) -> float:

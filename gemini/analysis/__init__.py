@@ -15,6 +15,10 @@ Modules, and what a notebook calls:
 - :mod:`~gemini.analysis.report`: :data:`FIGURES`, :func:`paper_table` (the
   paper's value beside ours), :func:`write_report`; ``gemini-report``
   (:mod:`~gemini.analysis.cli`) runs it.
+- :mod:`~gemini.analysis.notebook`: what the notebooks in ``analysis/`` call:
+  :func:`store_uri`, :func:`open_store`, :func:`show` (one figure, its paper
+  table, or the reason it is not drawn); :func:`simulation_of` draws
+  tables :func:`gemini.simulate.simulate` just computed.
 - :mod:`~gemini.analysis.style`: the one figure style (theme, caption,
   legend outside the axes).
 
@@ -74,9 +78,18 @@ from gemini.analysis.modelled import (
     recovery_probability_data,
     recovery_probability_ours,
     recovery_probability_sim_data,
+    simulation_of,
 )
+from gemini.analysis.notebook import figure_data, open_store, show, store_uri
 from gemini.analysis.paper import PAPER, PaperValue, paper_values
-from gemini.analysis.report import FIGURES, EmptyStore, paper_table, write_report
+from gemini.analysis.report import (
+    FIGURES,
+    EmptyStore,
+    StoreData,
+    not_drawn,
+    paper_table,
+    write_report,
+)
 
 __all__ = [
     "FIGURES",
@@ -85,6 +98,7 @@ __all__ = [
     "NoData",
     "PaperValue",
     "Simulation",
+    "StoreData",
     "StoreError",
     "backends_under_failure_data",
     "backends_under_failure_table",
@@ -105,6 +119,7 @@ __all__ = [
     "fig_recovery_probability",
     "fig_recovery_timeline",
     "fig_wasted_time",
+    "figure_data",
     "idle_spans_data",
     "idle_spans_ours",
     "interleave_ablation_data",
@@ -115,6 +130,8 @@ __all__ = [
     "load_simulation",
     "load_step_metrics",
     "machine_of",
+    "not_drawn",
+    "open_store",
     "paper_table",
     "paper_values",
     "recovery_probability_data",
@@ -123,6 +140,9 @@ __all__ = [
     "recovery_timeline_data",
     "recovery_timeline_ours",
     "select",
+    "show",
+    "simulation_of",
+    "store_uri",
     "system_of",
     "wasted_time_data",
     "wasted_time_ours",

@@ -109,7 +109,7 @@ def check(args: list[str]) -> None:
 def report(cfg: ReportConfig) -> Any:
     """Write the report for ``cfg``; one line and exit 2 on a store or path error."""
     from gemini.analysis.load import StoreError
-    from gemini.analysis.report import RUN_FIRST, write_report
+    from gemini.analysis.report import RUN_FIRST, not_drawn, write_report
     from gemini.config import check_writable_path
 
     uri = store_uri(cfg)
@@ -124,7 +124,7 @@ def report(cfg: ReportConfig) -> Any:
         fail(f"tracking.uri={uri}: {e}; {RUN_FIRST}")
     print(f"wrote {result.markdown} and {result.html} ({len(result.sections)} figures)")
     for spec, why in result.skipped:
-        print(f"  not drawn: {spec.title}: {why}; run `{spec.command}`")
+        print(f"  {not_drawn(spec, why)}")
     if result.run_id:
         print(f"logged as run {result.run_id} (tag kind=report) in {uri}")
     return result

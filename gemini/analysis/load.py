@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,11 @@ def client(uri: str) -> Any:
         raise StoreError(f"no store at {path} (the file does not exist)")
     # mlflow costs ~1.5 s to import: only the loaders pay it.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
+    with warnings.catch_warnings():
+        # mlflow imports tqdm.auto, which warns in a Jupyter kernel without ipywidgets;
+        # no progress bar is shown (above), so the warning would only clutter a notebook.
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from mlflow import MlflowClient
 
     return MlflowClient(uri)
 
@@ -140,6 +145,9 @@ class Simulation:
     """Its tags (machine facts where the simulator logged them)."""
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     """``fig9``, ``fig11``, ``fig15``: each CSV artifact it carries, read by pandas."""
+    source: str = ""
+    """How captions name it; empty = ``simulation run <id>`` (one computed in a
+    notebook, :func:`gemini.analysis.modelled.simulation_of`, says so instead)."""
 
 
 def _find_artifact(c: Any, run_id: str, name: str, path: str | None = None) -> str | None:

@@ -15,6 +15,7 @@ from_memory, from_storage, cost_source). Functions follow
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -23,11 +24,13 @@ import pandas as pd
 
 from gemini.analysis import style
 from gemini.analysis.figures import NoData
-from gemini.analysis.load import Simulation, machine_of_tags
+from gemini.analysis.load import SIM_TABLES, Simulation, machine_of_tags
 from gemini.checkpoint.placement import recovery_probability
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from gemini.simulate import Tables
 
 SIM_COMMAND = "gemini-simulate"
 """What produces the simulated figures' data."""
@@ -37,15 +40,32 @@ def _sim_table(sim: Simulation | None, name: str) -> pd.DataFrame:
     if sim is None:
         raise NoData("no simulation run (tag kind=simulation) in the store")
     if name not in sim.tables or sim.tables[name].empty:
+        if sim.source:
+            raise NoData(f"{sim.source} has no {name} table")
         raise NoData(f"the newest simulation run ({sim.run_id[:8]}) has no {name}.csv")
     data = sim.tables[name].copy()
     data.attrs.update(
         kind="simulated",
         machine=machine_of_tags(sim.tags),
         date=sim.start_time.strftime("%Y-%m-%d"),
-        how=f"simulation run {sim.run_id[:8]}",
+        how=sim.source or f"simulation run {sim.run_id[:8]}",
     )
     return data
+
+
+def simulation_of(
+    tables: Tables, source: str = "computed in this session by gemini.simulate"
+) -> Simulation:
+    """Tables that :func:`gemini.simulate.simulate` just computed, as a :class:`Simulation`
+    (run id empty, this machine, now), so that the simulated figures draw them as they
+    draw a logged run's CSVs. A figure not computed has no table."""
+    tags = {"host": socket.gethostname(), "cpu_cores": str(os.cpu_count())}
+    sim = Simulation(run_id="", start_time=pd.Timestamp.now(), tags=tags, source=source)
+    for name in SIM_TABLES:
+        rows = getattr(tables, name)
+        if rows:
+            sim.tables[name] = pd.DataFrame(rows)
+    return sim
 
 
 def _finish(fig: Figure, data: pd.DataFrame, text: str, note: str = "") -> Figure:

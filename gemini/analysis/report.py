@@ -142,6 +142,12 @@ FIGURES: dict[str, FigureSpec] = {
 """Every figure of the report, in order."""
 
 
+def not_drawn(spec: FigureSpec, why: str) -> str:
+    """The line that says a figure was not drawn, why, and the command that produces its
+    data (``gemini-report`` prints it; so do the notebooks)."""
+    return f"not drawn: {spec.title}: {why}; run `{spec.command}`"
+
+
 def _ratio(ours: float, paper: float | None) -> float:
     if paper is None or paper == 0 or ours != ours:
         return math.nan

@@ -11,6 +11,8 @@ job's recovery timeline (:mod:`gemini.timeline`) all go through here.
 
 from __future__ import annotations
 
+import io
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,8 +41,11 @@ def apply() -> None:
     """Set the theme: seaborn's whitegrid with the colour-blind palette, small print."""
     import matplotlib
 
-    # Files only: no display on a cluster, in CI or in the job's controller.
-    matplotlib.use("Agg")
+    # Files only: no display on a cluster, in CI or in the job's controller. A
+    # Jupyter kernel (ipykernel sets MPLBACKEND) keeps its inline backend, so that
+    # a figure left open, or one a user draws, still shows in the notebook.
+    if "inline" not in os.environ.get("MPLBACKEND", ""):
+        matplotlib.use("Agg")
     import seaborn as sns
 
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind", rc=_RC)
@@ -105,6 +110,17 @@ def save(fig: Figure, path: Any) -> Any:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def png(fig: Figure) -> bytes:
+    """``fig`` as the PNG :func:`save` would write, and close it (a notebook shows these
+    bytes: the same pixels as the report, whatever the kernel's backend)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def overlaps(fig: Figure) -> list[str]:
