@@ -8,12 +8,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import browser
 import pytest
 from report_store import JobStore, log_simulation, sim_tables
 
@@ -176,50 +176,22 @@ def test_gemini_report_runs_from_any_directory_on_the_default_store(
 
 # -- in a browser -----------------------------------------------------------------
 
-CHROMIUM_MISSING = (
-    "headless Chromium is not installed: apt-get install -y chromium chromium-driver "
-    "(.ci/run installs them)"
-)
-
-
-def browser_or_skip() -> tuple[str, str]:
-    """(chromium, chromedriver) from Debian's packages; skip where they are absent."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip(CHROMIUM_MISSING)
-    pytest.importorskip("selenium", reason="selenium is missing: pip install -e '.[dev]'")
-    return chromium, driver
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_html_report_shows_its_figures_in_headless_chromium(
     store: Store, tmp_path: Path
 ) -> None:
-    chromium, driver_path = browser_or_skip()
     from PIL import Image, ImageStat
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1280,2000")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: selenium's own manager would try to download one.
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
+    with browser.browser(1280, 2000) as driver:
         assert store.report.html is not None
         driver.get(store.report.html.resolve().as_uri())
         loaded = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)"
         )
         png = driver.get_screenshot_as_png()
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    finally:
-        driver.quit()
+        errors = browser.console_errors(driver)
     (tmp_path / "screenshot.png").write_bytes(png)
     assert errors == []
     assert loaded == [True] * len(store.report.sections)
