@@ -73,10 +73,13 @@ def p(**params: Any) -> dict[str, Any]:
 def measured_runs() -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for model, it in (("gpt_tiny", 0.05), ("gpt_small", 0.4)):
-        for backend, slow in (("none", 1.0), ("replicated", 1.02)):
+        for backend, slow, schedule in (
+            ("none", 1.0, "naive"), ("replicated", 1.02, "naive"),
+            ("replicated", 1.01, "interleave"),
+        ):  # fmt: skip
             rows.append(
                 {**p(model__name=model, backend__name=backend, failure__name="none",
-                     backend__replication__schedule="naive"),
+                     backend__replication__schedule=schedule, cluster__link_gbps=2),
                  "iter_time_s": it * slow, "ckpt_stall_s": 0.001,
                  "idle_s": it / 2, "comm_s": it / 4, "ckpt_replicate_s": it / 8,
                  "checkpoints_per_hour": 3600 / it if backend != "none" else None}

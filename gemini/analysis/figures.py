@@ -190,7 +190,9 @@ def idle_spans_data(runs: pd.DataFrame) -> pd.DataFrame:
     """Fig. 8's runs: model, idle_s, comm_s, ckpt_replicate_s per job."""
 
     def fallback(df: pd.DataFrame) -> pd.Series:
-        return numeric(df, "idle_s").notna()
+        # Idle *network* time means something only behind a capped link of
+        # the node's own: a profile on shared loopback is not Fig. 8.
+        return numeric(df, "idle_s").notna() & (numeric(df, "params.cluster.link_gbps") > 0)
 
     chosen, how = _pick(runs, "idle_spans", fallback, "idle_s", "with idle_s (an idle profile)")
     chosen["model"] = _model(chosen)
@@ -412,9 +414,18 @@ def interleave_ablation_data(runs: pd.DataFrame) -> pd.DataFrame:
     """Fig. 16's runs: schedule (``none`` for no checkpoint) and iter_time_s."""
 
     def fallback(df: pd.DataFrame) -> pd.Series:
-        return (column(df, "params.failure.name") == "none") & column(
-            df, "params.backend.name"
-        ).isin(["none", "replicated"])
+        # Only an ablation: the runs of a setting (model, nodes, link) whose
+        # replicated runs tried two schedules or more; one schedule is no comparison.
+        backend = column(df, "params.backend.name")
+        ok = (column(df, "params.failure.name") == "none") & backend.isin(["none", "replicated"])
+        keys = ("params.model.name", "params.cluster.nodes", "params.cluster.link_gbps")
+        setting = pd.Series("", index=df.index)
+        for key in keys:  # a missing param is a value of its own, not a hole
+            setting = setting + "/" + column(df, key).fillna("?").astype(str)
+        schedule = column(df, "params.backend.replication.schedule")
+        replicated = ok & (backend == "replicated")
+        tried = schedule[replicated].groupby(setting[replicated]).nunique()
+        return ok & setting.isin(set(tried[tried >= 2].index))
 
     chosen, how = _pick(
         runs, "interleave_ablation", fallback, "iter_time_s", "of backend none or replicated"
