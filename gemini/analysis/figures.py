@@ -194,7 +194,9 @@ def idle_spans_data(runs: pd.DataFrame) -> pd.DataFrame:
         # the node's own: a profile on shared loopback is not Fig. 8.
         return numeric(df, "idle_s").notna() & (numeric(df, "params.cluster.link_gbps") > 0)
 
-    chosen, how = _pick(runs, "idle_spans", fallback, "idle_s", "with idle_s (an idle profile)")
+    chosen, how = _pick(
+        runs, "idle_spans", fallback, "idle_s", "with idle_s (an idle profile) behind a capped link"
+    )
     chosen["model"] = _model(chosen)
     return _tagged(chosen, chosen, how)
 
@@ -428,7 +430,11 @@ def interleave_ablation_data(runs: pd.DataFrame) -> pd.DataFrame:
         return ok & setting.isin(set(tried[tried >= 2].index))
 
     chosen, how = _pick(
-        runs, "interleave_ablation", fallback, "iter_time_s", "of backend none or replicated"
+        runs,
+        "interleave_ablation",
+        fallback,
+        "iter_time_s",
+        "of an ablation (one setting, two replication schedules or more)",
     )
     backend = column(chosen, "params.backend.name")
     schedule = column(chosen, "params.backend.replication.schedule").fillna("?")
