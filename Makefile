@@ -74,6 +74,20 @@ SOAK_ARGS ?= --runs 100 --seed 1
 soak: venv
 	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
+# The paper's evaluation, as far as this machine goes: every figure sweep into
+# the default store (the two interleaving sweeps need root for their emulated
+# links), the cluster-scale simulation, then the report of all of it
+# (README "Reproducing Gemini"). A sweep with a failed job still runs its
+# others; the report says which figures lack data.
+REPRODUCE_SWEEPS ?= fig7_overhead fig10_wasted fig12_frequency fig14_timeline backends_under_failure idle_spans interleave_ablation
+reproduce: venv
+	@for s in $(REPRODUCE_SWEEPS); do \
+		echo "== gemini -m +sweep=$$s"; \
+		$(BIN)/gemini -m +sweep=$$s || echo "sweep $$s: a job failed (see its table)"; \
+	done
+	$(BIN)/gemini-simulate nodes=16,128,1000,10000 failures_per_day=1,2,4,8
+	$(BIN)/gemini-report
+
 # A single-node SLURM cluster on this machine, state under
 # ${GEMINI_SLURM_DIR:-/tmp/gemini-slurm}; point a shell at it with
 # `eval "$(scripts/slurm.sh env)"`.
