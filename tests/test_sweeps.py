@@ -131,9 +131,14 @@ def test_a_tiny_backends_under_failure_runs_end_to_end(tmp_path: Path) -> None:
     assert {r["exact"] for r in failing} == {"yes"}
     for r in failing:
         assert float(r["mean_recovery_s"]) > 0 and float(r["mean_wasted_s"]) > 0
-    # One node lost: Gemini restores it from its peer's memory, losing no step; both
-    # nodes of a group lost: from the last-resort persistent checkpoint.
+    # One node lost: Gemini restores it from its peer's memory, losing at most the steps
+    # whose checkpoints were still in flight (the kill can land before the newest replica
+    # is committed); both nodes of a group lost: from the last-resort persistent checkpoint.
     repl = {r["failure"]: r for r in rows if r["backend"] == "replicated"}
-    assert float(repl["hardware_once"]["mean_lost_steps"]) == 0
+    one = json.loads((Path(repl["hardware_once"]["job_dir"]) / "summary.json").read_text())
+    (rec,) = one["recoveries"]
+    assert "peer" in rec["source_counts"] and "storage" not in rec["source_counts"]
+    assert rec["lost_steps"] <= 2
+    assert float(repl["hardware_once"]["mean_lost_steps"]) == rec["lost_steps"]
     summary = json.loads((Path(repl["two_in_group"]["job_dir"]) / "summary.json").read_text())
     assert "storage" in summary["recoveries"][0]["source_counts"]
