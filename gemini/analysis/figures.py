@@ -114,6 +114,12 @@ def _finish(fig: Figure, data: pd.DataFrame, text: str, note: str = "") -> Figur
     return fig
 
 
+def _one_off_failure(runs: pd.DataFrame) -> pd.Series:
+    """Runs of a failure schedule that replaces a known number of machines: what Fig. 10
+    and the backends table draw when the store holds no run of their sweep."""
+    return column(runs, "params.failure.name").isin(list(FAILURE_REPLACED))
+
+
 def _mean(data: pd.DataFrame, where: pd.Series, col: str) -> float:
     vals = pd.to_numeric(data.loc[where, col], errors="coerce").dropna()
     return float(vals.mean()) if len(vals) else float("nan")
@@ -248,11 +254,8 @@ def _storage(runs: pd.DataFrame) -> pd.Series:
 def wasted_time_data(runs: pd.DataFrame) -> pd.DataFrame:
     """Fig. 10's runs: system, replaced (0/1/2), storage, mean_wasted_s, iter_time_s."""
 
-    def fallback(df: pd.DataFrame) -> pd.Series:
-        return column(df, "params.failure.name").isin(list(FAILURE_REPLACED))
-
     chosen, how = _pick(
-        runs, "fig10_wasted", fallback, "mean_wasted_s", "recovered from a one-off failure"
+        runs, "fig10_wasted", _one_off_failure, "mean_wasted_s", "recovered from a one-off failure"
     )
     chosen["system"] = system_of(chosen)
     chosen["replaced"] = column(chosen, "params.failure.name").map(FAILURE_REPLACED)
@@ -481,11 +484,8 @@ def interleave_ablation_ours(data: pd.DataFrame) -> dict[str, float]:
 def backends_under_failure_data(runs: pd.DataFrame) -> pd.DataFrame:
     """Every backend x failure kind: system, failure, outcome, recovery and wasted time."""
 
-    def fallback(df: pd.DataFrame) -> pd.Series:
-        return column(df, "params.failure.name").isin(list(FAILURE_REPLACED))
-
     chosen, how = _pick(
-        runs, "backends_under_failure", fallback, "run_id", "with a one-off failure"
+        runs, "backends_under_failure", _one_off_failure, "run_id", "with a one-off failure"
     )
     chosen["system"] = system_of(chosen)
     chosen["failure"] = column(chosen, "params.failure.name").fillna("?")
