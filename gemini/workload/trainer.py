@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import gc
 import math
 import os
@@ -516,21 +517,33 @@ TEARDOWN_TIMEOUT_S = 3.0
 """How long a failed generation's process-group teardown may take before the
 process gives up restarting in place (its agent then starts a fresh one)."""
 
+LEAVE_DEADLINE_S = 8.0
+"""How long leaving a failed generation may take in all (teardown, freeing what the
+generation built) before the process dumps its threads' stacks into its log and
+exits, so that its agent starts a fresh process instead of handing the next
+generation to one that cannot take it."""
 
-def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException) -> bool:
-    """After a failed generation: tear down the process group and tell the agent
-    this process waits, alive, for the next generation (``parked``).
+ABANDONED_GROUPS: list[Any] = []
+"""The process groups of failed generations, referenced until the process exits.
 
-    False when the teardown itself failed: the process cannot be trusted to
-    restart in place and must exit, so that its agent starts a fresh one.
-    """
-    t0 = time.perf_counter()
-    print(f"rank {who.rank}: leaving generation {gen} ({type(error).__name__})", flush=True)
+Freeing a gloo group runs its destructor, which waits for every collective still
+queued on it; after a failure one may wait on a peer that is alive but has left
+for the next generation, and then only the collective timeout ends it, long after
+the handover. Kept referenced, the group's collectives fail or time out on its own
+threads while this process trains the next generation; its price is those threads
+and one socket per peer, per failure survived in place."""
+
+
+def release_process_group(timeout_s: float = TEARDOWN_TIMEOUT_S) -> str | None:
+    """Destroy this process's default process group without waiting for its
+    collectives (they end on the group's own threads: see
+    :data:`ABANDONED_GROUPS`). None when done, else why not (failed, timed out)."""
     outcome: list[BaseException | None] = []
 
     def teardown() -> None:
         try:
             if dist.is_initialized():
+                ABANDONED_GROUPS.append(dist.group.WORLD)
                 # NCCL's destroy can block on a dead peer: abort the
                 # communicators first.
                 if dist.get_backend() == "nccl":
@@ -546,9 +559,23 @@ def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException
     # never completes would otherwise keep this process from ever parking.
     worker = threading.Thread(target=teardown, name="teardown", daemon=True)
     worker.start()
-    worker.join(TEARDOWN_TIMEOUT_S)
-    if not outcome or outcome[0] is not None:
-        why = "timed out" if not outcome else f"failed: {outcome[0]}"
+    worker.join(timeout_s)
+    if not outcome:
+        return "timed out"
+    return None if outcome[0] is None else f"failed: {outcome[0]}"
+
+
+def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException) -> bool:
+    """After a failed generation: tear down the process group and tell the agent
+    this process waits, alive, for the next generation (``parked``).
+
+    False when the teardown itself failed: the process cannot be trusted to
+    restart in place and must exit, so that its agent starts a fresh one.
+    """
+    t0 = time.perf_counter()
+    print(f"rank {who.rank}: leaving generation {gen} ({type(error).__name__})", flush=True)
+    why = release_process_group()
+    if why is not None:
         print(f"rank {who.rank}: cannot restart in place: teardown {why}", flush=True)
         return False
     store = Store.for_job(job)
@@ -614,6 +641,10 @@ def serve(
         except Exception as e:
             if not in_place:
                 raise
+            # A watchdog thread that needs no interpreter lock: whatever blocks
+            # from here on (a destructor waiting on a collective) ends in a
+            # stack dump and exit 1, and the agent starts a fresh process.
+            faulthandler.dump_traceback_later(LEAVE_DEADLINE_S, exit=True)
             traceback.print_exc()
             if not leave_generation(job, who, gen, e):
                 # Straight out: finalizers could block on the same broken state.
@@ -621,6 +652,7 @@ def serve(
         # Drop what the failed generation built (its optimizer, backend, DDP
         # wrapper; the model stays in ``kept``) before the next one builds its own.
         gc.collect()
+        faulthandler.cancel_dump_traceback_later()
         got = await_handover(who)
         if got is None:
             return 0
@@ -742,5 +774,16 @@ def main(argv: list[str] | None = None) -> int:
         beat.stop()
 
 
+def exit_process(code: int) -> None:
+    """Exit with ``code``; without the interpreter's teardown where a failed
+    generation's process group is still referenced (:data:`ABANDONED_GROUPS`),
+    whose destructor would wait for, or crash on, a collective still queued."""
+    if ABANDONED_GROUPS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
