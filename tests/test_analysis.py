@@ -210,6 +210,21 @@ def test_wasted_time_names_the_papers_systems_and_compares_at_the_emulated_stora
     assert table["at"].iloc[0].startswith("emulated 2 Gbit/s storage")
 
 
+def test_a_correlated_failure_replaces_its_k_machines_on_fig10s_axis() -> None:
+    runs = runs_frame(
+        [
+            {**p(backend__name="replicated", failure__name=name, failure__k=k),
+             "mean_wasted_s": 1.0, "iter_time_s": 0.1}
+            for name, k in (("hardware_once", 2), ("correlated", 2), ("correlated", 3),
+                            ("poisson", 2))
+        ]
+    )  # fmt: skip
+    data = wasted_time_data(runs)
+    assert list(zip(data["params.failure.name"], data["replaced"], strict=True)) == [
+        ("hardware_once", 1), ("correlated", 2), ("correlated", 3),
+    ]  # fmt: skip
+
+
 # -- simulated tables, from a real store ------------------------------------------
 
 

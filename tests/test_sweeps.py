@@ -21,7 +21,9 @@ import yaml
 from conftest import REPO, assert_nothing_left, compose_config, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from gemini.checkpoint.placement import holders_of_all, resolve_placement
 from gemini.config import to_schema, validate
+from gemini.failures import schedule_for
 from gemini.multirun_table import TABLE_CSV
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -98,6 +100,24 @@ def test_the_strategies_are_the_papers_baselines() -> None:
         assert typed.backend.bandwidth_gbps == 1.25
         # Half a Strawman interval after its last checkpoint: the cost model's 1/(2f).
         assert typed.failure.at_step == strawman.backend.every_n * 3 // 2
+
+
+def test_fig10_replaces_0_1_and_2_machines_and_gemini_keeps_a_memory_copy_of_each() -> None:
+    """As in the paper's figure, the two machines replaced at once are not the two
+    holders of one checkpoint: every lost node's copy survives on a peer."""
+    replaced = {}
+    for overrides in sweep_jobs("fig10_wasted"):
+        if "+strategy=gemini" in overrides and "backend.bandwidth_gbps=1.25" in overrides:
+            typed = to_schema(compose_config(overrides))
+            (event,) = schedule_for(typed)
+            n, m = typed.cluster.nodes, typed.backend.replication.factor
+            holders = holders_of_all(
+                n, m, resolve_placement(n, m, typed.backend.replication.placement)
+            )
+            lost = set(event.nodes) if event.kind == "hardware" else set()
+            replaced[len(lost)] = typed.failure.name
+            assert all(set(holders[node]) - lost for node in lost), (typed.failure.name, lost)
+    assert replaced == {0: "software_once", 1: "hardware_once", 2: "correlated"}
 
 
 @pytest.mark.slow

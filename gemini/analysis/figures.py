@@ -46,7 +46,8 @@ class NoData(ValueError):
 
 
 FAILURE_REPLACED = {"software_once": 0, "hardware_once": 1, "two_in_group": 2}
-"""Failure schedule -> machines replaced (Fig. 10's x axis)."""
+"""Failure schedule -> machines replaced (Fig. 10's x axis); ``correlated`` replaces
+``failure.k`` (:func:`replaced_of`)."""
 SCHEDULE_ORDER = ("none", "blocking", "naive", "interleave_nopipe", "interleave")
 """Fig. 16's columns, reference first."""
 
@@ -114,10 +115,17 @@ def _finish(fig: Figure, data: pd.DataFrame, text: str, note: str = "") -> Figur
     return fig
 
 
+def replaced_of(runs: pd.DataFrame) -> pd.Series:
+    """Machines each run's one-off failure replaced (NaN for other schedules)."""
+    name = column(runs, "params.failure.name")
+    k = numeric(runs, "params.failure.k").fillna(2)
+    return name.map(FAILURE_REPLACED).where(name != "correlated", k).astype(float)
+
+
 def _one_off_failure(runs: pd.DataFrame) -> pd.Series:
     """Runs of a failure schedule that replaces a known number of machines: what Fig. 10
     and the backends table draw when the store holds no run of their sweep."""
-    return column(runs, "params.failure.name").isin(list(FAILURE_REPLACED))
+    return replaced_of(runs).notna()
 
 
 def _mean(data: pd.DataFrame, where: pd.Series, col: str) -> float:
@@ -258,7 +266,7 @@ def wasted_time_data(runs: pd.DataFrame) -> pd.DataFrame:
         runs, "fig10_wasted", _one_off_failure, "mean_wasted_s", "recovered from a one-off failure"
     )
     chosen["system"] = system_of(chosen)
-    chosen["replaced"] = column(chosen, "params.failure.name").map(FAILURE_REPLACED)
+    chosen["replaced"] = replaced_of(chosen).astype("Int64")
     chosen["storage"] = _storage(chosen)
     return _tagged(chosen, chosen, how)
 
