@@ -174,6 +174,7 @@ def test_the_whole_fig15_path_matches_the_closed_form_for_a_constant_cost() -> N
     # machine, m = 2) failure recovers from memory and wastes lag + downtime.
     cfg = SimulateConfig(nodes=[16, 10_000], failures_per_day=[2.0], figures=["fig15"])
     cfg.failures.trials = 3000
+    cfg.failures.per_node_per_day = 0.0  # every row at the one cluster rate
     cfg.failures.systems = ["gemini", "ideal"]
     cfg.costs = CostConfig(
         iter_time_s=1e-6, memory_ckpt_s=120.0, detect_s=300.0, restart_s=200.0,
@@ -198,6 +199,9 @@ def test_storage_baselines_lose_more_than_gemini_and_node_rates_grow_with_n() ->
     cfg.failures.rate_unit = "node"
     cfg.failures.multi_node_probability = 0.5
     rows = simulate(cfg).fig15
+    # The list already is OPT-175B's rate per machine: no second row of it.
+    assert len(rows) == 2 * len(cfg.failures.systems)
+    assert {r["rate_unit"] for r in rows} == {"node"}
     at = {(r["system"], r["N"]): r for r in rows}
     for n in (16, 1000):
         assert at[("gemini", n)]["failures_per_day"] == pytest.approx(0.0134 * n)
@@ -211,6 +215,25 @@ def test_storage_baselines_lose_more_than_gemini_and_node_rates_grow_with_n() ->
     # Gemini falls back to storage; the baselines always read storage.
     assert at[("gemini", 16)]["from_storage"] > 0
     assert at[("highfreq", 1000)]["from_memory"] == 0
+
+
+def test_the_default_run_also_simulates_every_n_at_a_rate_per_machine() -> None:
+    cfg = SimulateConfig(figures=["fig15"])
+    cfg.failures.trials = 20
+    rows = simulate(cfg).fig15
+    per_node = cfg.failures.per_node_per_day
+    assert per_node == pytest.approx(0.0134), "OPT-175B's rate, the paper's Fig. 15b"
+    node = [r for r in rows if r["rate_unit"] == "node"]
+    assert sorted({(r["system"], r["N"]) for r in node}) == sorted(
+        (s, n) for s in cfg.failures.systems for n in cfg.nodes
+    )
+    for r in node:
+        assert r["failures_per_day"] == pytest.approx(r["N"] * per_node)
+    gemini = {r["N"]: r for r in node if r["system"] == "gemini"}
+    assert gemini[1000]["failures"] > gemini[16]["failures"], "the cluster's rate grows with N"
+    # The listed cluster rates are simulated exactly as without the per-machine rate.
+    cfg.failures.per_node_per_day = 0.0
+    assert [r for r in rows if r["rate_unit"] == "cluster"] == simulate(cfg).fig15
 
 
 def test_weibull_failures_keep_the_configured_mean_rate() -> None:
@@ -358,14 +381,18 @@ def test_the_script_writes_the_three_csvs_and_records_a_simulation_run(
         assert header == list(columns) and rows
     header, rows = _read_csv(run_dir / "fig15.csv")
     assert header == list(FIG15_COLUMNS)
-    assert {(r["N"], r["failures_per_day"]) for r in rows} == {
+    assert {(r["N"], r["failures_per_day"]) for r in rows if r["rate_unit"] == "cluster"} == {
         ("16", "1.0"), ("16", "4.0"), ("32", "1.0"), ("32", "4.0"),
     }  # fmt: skip
+    # Fig. 15b beside them: OPT-175B's 0.0134 failures per machine per day.
+    node = {int(r["N"]): float(r["failures_per_day"]) for r in rows if r["rate_unit"] == "node"}
+    assert node == pytest.approx({16: 16 * 0.0134, 32: 32 * 0.0134})
     by_system = {r["system"]: r["cost_source"] for r in rows}
     # The store has replicated and disk runs: every cost of these systems measured.
     assert by_system["gemini"] == by_system["highfreq"] == "experiment:gemini"
     assert by_system["ideal"] == "none"
     assert "Fig. 15" in p.stdout
+    assert "0.2144/day (0.0134/machine)" in p.stdout, "a per-machine row names its rate"
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("gemini-simulate")
@@ -374,6 +401,7 @@ def test_the_script_writes_the_three_csvs_and_records_a_simulation_run(
     assert run.data.params["nodes"] == "[16, 32]"
     assert run.data.params["costs.from_experiment"] == "gemini"
     assert 0 < run.data.metrics["sim/ratio_gemini"] <= 1
+    assert 0 < run.data.metrics["sim/ratio_gemini_per_node"] <= 1
     assert run.data.metrics["sim/p_group_min"] == pytest.approx(0.8)  # N = 16, k = 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"fig9.csv", "fig11.csv", "fig15.csv"} <= artifacts
@@ -407,6 +435,9 @@ BAD = [
     (["figures=fig10"], "figures='fig10'"),
     (["failures.trials=0"], "failures.trials=0"),
     (["failures.multi_node_probability=1.5"], "failures.multi_node_probability=1.5"),
+    (["failures.per_node_per_day=-1"], "failures.per_node_per_day=-1.0: use a number >= 0"),
+    (["failures.per_node_per_day=nan"], "failures.per_node_per_day=nan: use a number >= 0"),
+    (["failures.per_node_per_day=100"], "failures.trials=200: 6e+08 failures to draw"),
     (["costs.iter_time_s=0"], "costs.iter_time_s=0.0"),
     (["costs.from_run=abc", "costs.from_experiment=x"], "costs.from_experiment='x'"),
     (["colour=blue"], "colour=blue"),

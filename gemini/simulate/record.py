@@ -82,14 +82,27 @@ def headline_metrics(tables: Tables) -> dict[str, float]:
         out[f"{METRIC_PREFIX}reduction_min"] = min(reductions)
         out[f"{METRIC_PREFIX}reduction_max"] = max(reductions)
     if tables.fig15:
-        worst_n = max(r["N"] for r in tables.fig15)
-        at_n = [r for r in tables.fig15 if r["N"] == worst_n]
-        worst_rate = max(r["failures_per_day"] for r in at_n)
-        for r in at_n:
-            if r["failures_per_day"] == worst_rate:
-                # The hardest cell: the largest cluster at its highest rate.
-                out[f"{METRIC_PREFIX}ratio_{r['system']}"] = r["effective_ratio"]
+        cluster = [r for r in tables.fig15 if r["rate_unit"] == "cluster"]
+        node = [r for r in tables.fig15 if r["rate_unit"] == "node"]
+        # Fig. 15a's cells where there are any (a run of per-machine rates alone
+        # keeps its metric under the old name), and Fig. 15b's beside them.
+        out.update(_hardest(cluster or node, ""))
+        out.update(_hardest(node, "_per_node"))
     return out
+
+
+def _hardest(rows: list[dict[str, Any]], suffix: str) -> dict[str, float]:
+    """``sim/ratio_<system><suffix>`` of the hardest cell: the largest N at its highest rate."""
+    if not rows:
+        return {}
+    worst_n = max(r["N"] for r in rows)
+    at_n = [r for r in rows if r["N"] == worst_n]
+    worst_rate = max(r["failures_per_day"] for r in at_n)
+    return {
+        f"{METRIC_PREFIX}ratio_{r['system']}{suffix}": r["effective_ratio"]
+        for r in at_n
+        if r["failures_per_day"] == worst_rate
+    }
 
 
 def summary_lines(tables: Tables) -> list[str]:
@@ -113,13 +126,22 @@ def summary_lines(tables: Tables) -> list[str]:
                 f"  gemini {r['t_gemini_s']:.2f} s  reduction {r['reduction']:.0f}x"
             )
     if tables.fig15:
-        lines.append("Fig. 15 effective training time ratio")
-        grid: dict[tuple[int, float], dict[str, float]] = {}
+        lines.append("Fig. 15 effective training time ratio (failures per day of the cluster)")
+        grid: dict[tuple[int, float, str], dict[str, float]] = {}
         for r in tables.fig15:
-            grid.setdefault((r["N"], r["failures_per_day"]), {})[r["system"]] = r["effective_ratio"]
-        for (n, rate), by in grid.items():
+            key = (r["N"], r["failures_per_day"], r["rate_unit"])
+            grid.setdefault(key, {})[r["system"]] = r["effective_ratio"]
+        # A per-machine row says the rate it was given beside the cluster's.
+        labels = {
+            (n, rate, unit): f"{rate:.4g}/day ({rate / n:.3g}/machine)"
+            if unit == "node"
+            else f"{rate:g}/day"
+            for n, rate, unit in grid
+        }
+        width = max(len(label) for label in labels.values())
+        for (n, rate, unit), by in grid.items():
             text = "  ".join(f"{s} {v:.3f}" for s, v in by.items())
-            lines.append(f"  N={n:<6} {rate:g}/day  {text}")
+            lines.append(f"  N={n:<6} {labels[n, rate, unit]:<{width}}  {text}")
     return lines
 
 

@@ -50,6 +50,7 @@ FIG15_COLUMNS = (
     "system",
     "N",
     "failures_per_day",
+    "rate_unit",
     "days",
     "effective_ratio",
     "failures",
@@ -249,6 +250,17 @@ def cluster_rate(rate: float, n: int, unit: str) -> float:
     return rate * n if unit == "node" else rate
 
 
+def fig15_rates(rates: list[float], f: FailureProcessConfig) -> list[tuple[float, str]]:
+    """The (rate, unit) pairs Fig. 15 simulates: ``rates`` in ``f.rate_unit``, then
+    ``f.per_node_per_day`` per machine (Fig. 15b) unless it is off or already listed."""
+    pairs = [(r, f.rate_unit) for r in rates]
+    extra = f.per_node_per_day
+    listed = any(u == "node" and math.isclose(r, extra, rel_tol=1e-9) for r, u in pairs)
+    if extra > 0 and not listed:
+        pairs.append((extra, "node"))
+    return pairs
+
+
 def fig15_rows(
     nodes: list[int],
     m: int,
@@ -261,18 +273,21 @@ def fig15_rows(
     memory_ok: dict[tuple[int, int], float],
     cost_sources: dict[str, str],
 ) -> list[dict[str, Any]]:
-    """One row per (system, N, rate): ``FIG15_COLUMNS``.
+    """One row per (system, N, rate): ``FIG15_COLUMNS``, the rates of :func:`fig15_rates`.
 
-    ``memory_ok[(N, k)]``: see :func:`simulate_system`; ``cost_sources[system]``
-    says where that system's costs came from.
+    ``failures_per_day`` of a row is the cluster's rate simulated; ``rate_unit``
+    says what the configured rate counted (the rate per machine of a ``node`` row
+    is ``failures_per_day / N``). ``memory_ok[(N, k)]``: see :func:`simulate_system`;
+    ``cost_sources[system]`` says where that system's costs came from.
     """
     models = {s: system_model(s, c) for s in f.systems if s != "ideal"}
     rows: list[dict[str, Any]] = []
     for n in nodes:
         ok = {k: p for (nn, k), p in memory_ok.items() if nn == n}
-        for i, rate in enumerate(rates):
-            per_day = cluster_rate(rate, n, f.rate_unit)
+        for i, (rate, unit) in enumerate(fig15_rates(rates, f)):
+            per_day = cluster_rate(rate, n, unit)
             # One stream per (seed, N, rate): the same failures for every system.
+            # The per-machine rate comes last, so the listed rates keep their streams.
             rng = np.random.default_rng([seed, n, i])
             draws = draw_failures(rng, per_day, days, f)
             for system in f.systems:
@@ -292,6 +307,7 @@ def fig15_rows(
                         "system": system,
                         "N": n,
                         "failures_per_day": per_day,
+                        "rate_unit": unit,
                         "days": days,
                         **result,
                         "cost_source": source,
