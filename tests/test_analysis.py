@@ -258,6 +258,66 @@ def test_simulated_figures_come_from_the_newest_simulation_run(tmp_path: Path) -
     assert fig9["ours"].tolist() == pytest.approx([0.9333, 0.8], abs=1e-4)
 
 
+def _drawn(ax: Any) -> set[tuple[float, float]]:
+    """(x, y) of every point the lines of one panel draw."""
+    return {
+        (float(x), round(float(y), 12))
+        for line in ax.get_lines()
+        for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)
+    }
+
+
+def test_fig15_sets_the_papers_091_beside_gemini_at_a_rate_per_machine(tmp_path: Path) -> None:
+    from gemini.simulate import SimulateConfig, simulate
+
+    cfg = SimulateConfig(nodes=[16, 128, 1000], figures=["fig15"])
+    cfg.failures.trials = 20
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_simulation(uri, {"fig15": pd.DataFrame(simulate(cfg).fig15)}, tmp_path)
+    data = effective_time_data(load_simulation(uri))
+    node = data[data["rate_unit"] == "node"]
+    cluster = data[data["rate_unit"] == "cluster"]
+
+    fig = fig_effective_time(data)
+    assert overlaps(fig) == []
+    by_n, by_rate = fig.axes[:2]
+    assert by_n.get_title() == "0.0134 failures per machine per day"
+    assert _drawn(by_n) == {
+        (float(n), round(r, 12)) for n, r in zip(node["N"], node["effective_ratio"], strict=True)
+    }
+    at16 = cluster[cluster["N"] == 16]
+    assert _drawn(by_rate) == {
+        (f, round(r, 12))
+        for f, r in zip(at16["failures_per_day"], at16["effective_ratio"], strict=True)
+    }
+
+    row = paper_table("fig15", data).iloc[0]
+    gemini = node[(node["system"] == "gemini") & (node["N"] == 1000)]
+    assert row["ours"] == pytest.approx(gemini["effective_ratio"].iloc[0])
+    assert row["at"] == "N=1000, 0.0134 failures per machine per day"
+
+
+def test_a_fig15_csv_from_before_the_rate_unit_column_draws_as_before(tmp_path: Path) -> None:
+    from gemini.simulate import SimulateConfig, simulate
+
+    cfg = SimulateConfig(nodes=[16, 1000], figures=["fig15"])
+    cfg.failures.trials = 20
+    cfg.failures.per_node_per_day = 0.0
+    old = pd.DataFrame(simulate(cfg).fig15).drop(columns="rate_unit")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_simulation(uri, {"fig15": old}, tmp_path)
+    data = effective_time_data(load_simulation(uri))
+    assert "rate_unit" not in data
+
+    fig = fig_effective_time(data)
+    assert overlaps(fig) == []
+    assert fig.axes[0].get_title() == "failures per day = 1"
+    row = paper_table("fig15", data).iloc[0]
+    gemini = old[(old["system"] == "gemini") & (old["N"] == 1000) & (old["failures_per_day"] == 1)]
+    assert row["ours"] == pytest.approx(gemini["effective_ratio"].iloc[0])
+    assert row["at"] == "N=1000, failures/day 1"
+
+
 def test_a_missing_store_is_refused_and_not_created(tmp_path: Path) -> None:
     db = tmp_path / "nowhere" / "mlflow.db"
     with pytest.raises(StoreError, match="does not exist"):
