@@ -517,33 +517,21 @@ TEARDOWN_TIMEOUT_S = 3.0
 """How long a failed generation's process-group teardown may take before the
 process gives up restarting in place (its agent then starts a fresh one)."""
 
-LEAVE_DEADLINE_S = 8.0
+LEAVE_DEADLINE_S = 5.0
 """How long leaving a failed generation may take in all (teardown, freeing what the
 generation built) before the process dumps its threads' stacks into its log and
-exits, so that its agent starts a fresh process instead of handing the next
-generation to one that cannot take it."""
-
-ABANDONED_GROUPS: list[Any] = []
-"""The process groups of failed generations, referenced until the process exits.
-
-Freeing a gloo group runs its destructor, which waits for every collective still
-queued on it; after a failure one may wait on a peer that is alive but has left
-for the next generation, and then only the collective timeout ends it, long after
-the handover. Kept referenced, the group's collectives fail or time out on its own
-threads while this process trains the next generation; its price is those threads
-and one socket per peer, per failure survived in place."""
+exits 1: as long as its agent waits for a stopped generation's ranks to park
+(``gemini.cluster.agent.PARK_GRACE_S``), so that the agent replaces it at once."""
 
 
 def release_process_group(timeout_s: float = TEARDOWN_TIMEOUT_S) -> str | None:
-    """Destroy this process's default process group without waiting for its
-    collectives (they end on the group's own threads: see
-    :data:`ABANDONED_GROUPS`). None when done, else why not (failed, timed out)."""
+    """Destroy this process's default process group, on a thread, with a deadline.
+    None when done, else why not (failed, timed out)."""
     outcome: list[BaseException | None] = []
 
     def teardown() -> None:
         try:
             if dist.is_initialized():
-                ABANDONED_GROUPS.append(dist.group.WORLD)
                 # NCCL's destroy can block on a dead peer: abort the
                 # communicators first.
                 if dist.get_backend() == "nccl":
@@ -565,16 +553,55 @@ def release_process_group(timeout_s: float = TEARDOWN_TIMEOUT_S) -> str | None:
     return None if outcome[0] is None else f"failed: {outcome[0]}"
 
 
-def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException) -> bool:
-    """After a failed generation: tear down the process group and tell the agent
-    this process waits, alive, for the next generation (``parked``).
+def free_failed_generation(deadline_s: float = LEAVE_DEADLINE_S) -> str | None:
+    """Destroy the process group and free what the failed generation built (its
+    optimizer, backend, DDP wrapper; the model stays in :class:`Kept`), or exit.
+
+    Freeing a gloo group runs its destructor, which waits for every collective
+    still queued on it; after a failure one can wait on a peer that is alive but
+    waiting too, until the collective timeout. Done before parking, a process
+    whose peers wait for its sockets to close tells them at once; and a watchdog
+    that needs no interpreter lock bounds the wait: past ``deadline_s`` it dumps
+    every thread's stack into the log and exits 1, and the agent gives the rank
+    to a warm spare or a fresh process instead of to one that cannot take it.
+    None when freed, else why the teardown failed.
+    """
+    faulthandler.dump_traceback_later(deadline_s, exit=True)
+    try:
+        why = release_process_group()
+        if why is None:
+            gc.collect()
+        return why
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@dataclass(frozen=True)
+class Left:
+    """Why a generation was left: what :func:`leave_generation` reports, kept apart
+    from the exception, whose traceback holds the failed generation's frames."""
+
+    error: str
+    """``Type: message`` of what ended it."""
+    stopped: bool
+    """The root stopped it (:class:`Stopped`), rather than a broken collective."""
+
+    @classmethod
+    def of(cls, e: BaseException) -> Left:
+        return cls(f"{type(e).__name__}: {e}", isinstance(e, Stopped))
+
+
+def leave_generation(job: JobSpec, who: Identity, gen: int, left: Left) -> bool:
+    """After a failed generation: free what it built and tell the agent this process
+    waits, alive, for the next generation (``parked``).
 
     False when the teardown itself failed: the process cannot be trusted to
     restart in place and must exit, so that its agent starts a fresh one.
     """
     t0 = time.perf_counter()
-    print(f"rank {who.rank}: leaving generation {gen} ({type(error).__name__})", flush=True)
-    why = release_process_group()
+    kind = left.error.split(":", 1)[0]
+    print(f"rank {who.rank}: leaving generation {gen} ({kind})", flush=True)
+    why = free_failed_generation()
     if why is not None:
         print(f"rank {who.rank}: cannot restart in place: teardown {why}", flush=True)
         return False
@@ -582,14 +609,14 @@ def leave_generation(job: JobSpec, who: Identity, gen: int, error: BaseException
     # Whether the root's stop or its own broken collective ended the generation
     # (the flag is the reporter's to read: one reader per process says what
     # it refuses).
-    stopped = isinstance(error, Stopped)
+    stopped = left.stopped
     store.set_json(
         keys.parked(gen, who.rank),
         {
             # As the agent reports exits: -15 for a rank the root stopped, 1 for
             # one that failed by itself (a collective broken by a lost peer).
             "code": -15 if stopped else 1,
-            "error": f"{type(error).__name__}: {error}"[:500],
+            "error": left.error[:500],
             "teardown_s": time.perf_counter() - t0,
             "pid": os.getpid(),
             "t": time.time(),
@@ -641,18 +668,13 @@ def serve(
         except Exception as e:
             if not in_place:
                 raise
-            # A watchdog thread that needs no interpreter lock: whatever blocks
-            # from here on (a destructor waiting on a collective) ends in a
-            # stack dump and exit 1, and the agent starts a fresh process.
-            faulthandler.dump_traceback_later(LEAVE_DEADLINE_S, exit=True)
             traceback.print_exc()
-            if not leave_generation(job, who, gen, e):
-                # Straight out: finalizers could block on the same broken state.
-                os._exit(1)
-        # Drop what the failed generation built (its optimizer, backend, DDP
-        # wrapper; the model stays in ``kept``) before the next one builds its own.
-        gc.collect()
-        faulthandler.cancel_dump_traceback_later()
+            left = Left.of(e)
+        # Out of the except block: the exception and its traceback, which held
+        # the failed generation's frames, are gone, so leaving frees them.
+        if not leave_generation(job, who, gen, left):
+            # Straight out: finalizers could block on the same broken state.
+            os._exit(1)
         got = await_handover(who)
         if got is None:
             return 0
@@ -774,16 +796,5 @@ def main(argv: list[str] | None = None) -> int:
         beat.stop()
 
 
-def exit_process(code: int) -> None:
-    """Exit with ``code``; without the interpreter's teardown where a failed
-    generation's process group is still referenced (:data:`ABANDONED_GROUPS`),
-    whose destructor would wait for, or crash on, a collective still queued."""
-    if ABANDONED_GROUPS:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    exit_process(main())
+    sys.exit(main())
