@@ -17,6 +17,9 @@ judges) unless told otherwise. What decides it, as the 3.17 UI reads it
   that the URL's ``viewStateShareKey=<id>`` opens; it is also listed under
   "Views".
 
+``make mlflow-server`` runs MLflow's server as :mod:`gemini.mlflow_app`, whose page
+sets that switch to model training where the browser has not chosen yet.
+
 So every experiment gemini records into is tagged as a training experiment
 and given a saved view: the key metrics as columns, runs grouped by their
 ``sweep`` tag (a sweep's jobs show together, without a click on their parent

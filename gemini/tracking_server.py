@@ -7,7 +7,8 @@ jobs given ``tracking.uri=http://host:port`` record through it instead, and
 It is kept light for a 2-core machine: one worker and MLflow's job execution
 off (that would start a task queue and its consumers beside the web server).
 It runs in the foreground: Ctrl-C or SIGTERM stops the server and every
-process it started.
+process it started. It serves MLflow's app as :mod:`gemini.mlflow_app`
+(experiments open in the model-training view).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def server_command(store: Path, host: str, port: int) -> list[str]:
         str(port),
         "--workers",
         "1",
+        # MLflow's server, its page opening the model-training view (gemini.mlflow_app).
+        "--app-name",
+        "gemini",
     ]
 
 

@@ -269,8 +269,17 @@ def test_the_experiment_link_opens_the_training_runs_grouped_by_sweep_with_key_m
         page = browser.open_page(
             experiment_url(server.uri, exp_id), text="Group: fig7_overhead", timeout_s=120
         )
+        # The project's server (make mlflow-server) opens the training view without the
+        # link's parameters too, in a browser that never chose a view.
+        plain = browser.open_page(
+            f"{server.uri}/#/experiments/{exp_id}", text="sweep fig7_overhead", timeout_s=120
+        )
     finally:
         stop_tracking_server(server.proc)
+    assert f"/#/experiments/{exp_id}/runs" in plain.url
+    assert "workflowType=machine_learning" in plain.url
+    for genai in ("Observability", "Token Usage", "Tool calls"):
+        assert genai not in plain.text
     (tmp_path / "experiment.png").write_bytes(page.png)
     assert page.png.startswith(b"\x89PNG")
     assert f"/#/experiments/{exp_id}/runs" in page.url
