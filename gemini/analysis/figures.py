@@ -35,6 +35,7 @@ import pandas as pd
 
 from gemini.analysis import style
 from gemini.analysis.load import column, dates_of, machine_of, numeric, select
+from gemini.config import FailureConfig
 from gemini.recovery import PHASES
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def _finish(fig: Figure, data: pd.DataFrame, text: str, note: str = "") -> Figur
 def replaced_of(runs: pd.DataFrame) -> pd.Series:
     """Machines each run's one-off failure replaced (NaN for other schedules)."""
     name = column(runs, "params.failure.name")
-    k = numeric(runs, "params.failure.k").fillna(2)
+    k = numeric(runs, "params.failure.k").fillna(FailureConfig.k)
     return name.map(FAILURE_REPLACED).where(name != "correlated", k).astype(float)
 
 

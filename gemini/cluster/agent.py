@@ -41,7 +41,8 @@ SPARE_UNSUPPORTED = 75
 
 # How long a stopped generation's trainers have to leave it alive (restart in
 # place) before the agent ends them: leaving takes a broken collective to
-# raise (about a second with gloo) and a process-group teardown.
+# raise (about a second with gloo) and a process-group teardown. A trainer ends
+# itself at this deadline too (gemini.workload.trainer.LEAVE_DEADLINE_S).
 PARK_GRACE_S = 5.0
 
 # How long a pre-started trainer (parked, spare, standby) handed a generation

@@ -35,6 +35,7 @@ from gemini.checkpoint.backend import (
     make_backend,
 )
 from gemini.cluster import keys
+from gemini.cluster.agent import PARK_GRACE_S
 from gemini.cluster.job import JobSpec
 from gemini.cluster.store import Store
 from gemini.config import GeminiConfig, config_hash
@@ -517,11 +518,11 @@ TEARDOWN_TIMEOUT_S = 3.0
 """How long a failed generation's process-group teardown may take before the
 process gives up restarting in place (its agent then starts a fresh one)."""
 
-LEAVE_DEADLINE_S = 5.0
+LEAVE_DEADLINE_S = PARK_GRACE_S
 """How long leaving a failed generation may take in all (teardown, freeing what the
 generation built) before the process dumps its threads' stacks into its log and
-exits 1: as long as its agent waits for a stopped generation's ranks to park
-(``gemini.cluster.agent.PARK_GRACE_S``), so that the agent replaces it at once."""
+exits 1: as long as its agent waits for a stopped generation's ranks to park, so
+that the agent replaces it at once."""
 
 
 def release_process_group(timeout_s: float = TEARDOWN_TIMEOUT_S) -> str | None:
