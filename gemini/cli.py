@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -136,7 +137,7 @@ def check_composition(args: list[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from gemini.config import to_schema, validate
-    from gemini.launchers import check_launcher
+    from gemini.launchers import check_launcher, check_launcher_host
 
     if any(
         a in ("--help", "-h", "--hydra-help", "--info", "-i")
@@ -147,6 +148,9 @@ def check_composition(args: list[str]) -> None:
         return
     multirun = any(a in ("-m", "--multirun") for a in args)
     outputs: list[str] = []
+    # Every variant's values are checked before this machine is (SLURM's commands,
+    # the cores): a bad value is named wherever the sweep is submitted from.
+    on_host: list[tuple[Any, Any, str, list[str]]] = []
     for overrides in _variants(args):
         GlobalHydra.instance().clear()
         try:
@@ -163,6 +167,14 @@ def check_composition(args: list[str]) -> None:
         finally:
             GlobalHydra.instance().clear()
         outputs.append(typed.paths.outputs)
+        on_host.append((cfg.hydra.launcher, typed, choice, overrides))
+    for launcher, typed, choice, overrides in on_host:
+        try:
+            check_launcher_host(launcher, typed, choice=choice)
+        except ConfigError as e:
+            fail(str(e))
+        except Exception as e:
+            fail(one_line_error(e, overrides))
     # Only once every variant is valid: checking creates the directory.
     for path in dict.fromkeys(outputs):
         check_writable_or_fail(path)

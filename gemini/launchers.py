@@ -359,8 +359,9 @@ def check_launcher(launcher: DictConfig, job: Any, *, choice: str, multirun: boo
     """Refuse launcher settings a submission would fail on (or run wrongly with).
 
     ``launcher`` is the composed ``hydra.launcher`` node, ``job`` the job's typed
-    config, ``choice`` the ``hydra/launcher`` option's name. Values first, then
-    this machine (SLURM's commands, the partition, the cores).
+    config, ``choice`` the ``hydra/launcher`` option's name. Values only: what
+    this machine can do (SLURM's commands, the partition, the cores) is
+    :func:`check_launcher_host`'s.
     """
     target = str(launcher.get("_target_", ""))
     if target not in OURS:
@@ -417,9 +418,21 @@ def check_launcher(launcher: DictConfig, job: Any, *, choice: str, multirun: boo
         if s.signal_delay_s < 0:
             raise ConfigError(key("signal_delay_s"), s.signal_delay_s, "must be >= 0 seconds")
         layout(tasks, s.tasks_per_host)
-        check_slurm_here(s.partition, choice)
+
+
+def check_launcher_host(launcher: DictConfig, job: Any, *, choice: str) -> None:
+    """Refuse what this machine cannot do with settings :func:`check_launcher` passed.
+
+    Separate so that a sweep's values are all checked before the machine is: a bad
+    value in the sweep's last variant is named even where SLURM is not installed.
+    """
+    target = str(launcher.get("_target_", ""))
+    if target not in OURS:
+        return
+    if target == SLURM_TARGET:
+        check_slurm_here(launcher.partition, choice)
     else:
-        check_local_capacity(job, tasks)
+        check_local_capacity(job, job_tasks(job))
 
 
 def check_slurm_here(partition: str | None, choice: str) -> None:

@@ -31,6 +31,7 @@ from gemini.launchers import (
     LOCAL_TARGET,
     SLURM_TARGET,
     check_launcher,
+    check_launcher_host,
     job_tasks,
     launcher_options,
     layout,
@@ -197,10 +198,24 @@ def test_the_console_script_refuses_a_bad_launcher_setting_and_submits_nothing(
 
 def test_slurm_is_refused_where_there_is_no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    launcher = compose_config(["hydra/launcher=slurm"])
+    cfg = compose_config(["hydra/launcher=slurm"])
+    # The values are fine; this machine is what cannot run them.
+    check_launcher(cfg.hydra.launcher, to_schema(cfg), choice="slurm", multirun=True)
     with pytest.raises(ConfigError) as e:
-        check_launcher(launcher.hydra.launcher, to_schema(launcher), choice="slurm", multirun=True)
+        check_launcher_host(cfg.hydra.launcher, to_schema(cfg), choice="slurm")
     assert e.value.key == "hydra/launcher" and "submitit_local" in e.value.fix
+
+
+def test_a_bad_value_in_a_later_sweep_variant_is_named_even_where_slurm_is_missing(
+    outputs_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every variant's values are checked before the machine: the first variant
+    (3 nodes + 1 standby over 2 hosts) is fine, the second (2 + 1) is not, and the
+    user hears about the value, not about SLURM missing from a laptop."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    args = ["-m", SLURM_GROUP, "cluster=slurm", "cluster.nodes=3,2",
+            "hydra.launcher.tasks_per_host=2"]  # fmt: skip
+    assert_cli_refuses(args, "hydra.launcher.tasks_per_host", "2", outputs_dir, monkeypatch, capsys)
 
 
 # -- sweeps, end to end -----------------------------------------------------------
@@ -308,7 +323,7 @@ def test_a_partition_slurm_does_not_know_is_refused_and_a_known_one_is_not() -> 
     job = to_schema(cfg)
     with pytest.raises(ConfigError) as e:
         cfg.hydra.launcher.partition = "no-such-partition"
-        check_launcher(cfg.hydra.launcher, job, choice="slurm", multirun=True)
+        check_launcher_host(cfg.hydra.launcher, job, choice="slurm")
     assert e.value.key == "hydra.launcher.partition"
     cfg.hydra.launcher.partition = sorted(known)[0]
-    check_launcher(cfg.hydra.launcher, job, choice="slurm", multirun=True)
+    check_launcher_host(cfg.hydra.launcher, job, choice="slurm")
