@@ -8,17 +8,22 @@ exit status 2 and no traceback. Group options are checked before Hydra runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
 from gemini.config import REPO_ROOT, ConfigError, register_configs
+
+if TYPE_CHECKING:
+    from gemini.config import GeminiConfig
 
 
 def config_dir() -> Path:
@@ -32,9 +37,20 @@ def config_dir() -> Path:
 CONF = config_dir()
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"gemini: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def refused_in_one_line(overrides: list[str]) -> Iterator[None]:
+    """Turn a bad value or composition inside the block into the one-line refusal."""
+    try:
+        yield
+    except ConfigError as e:
+        fail(str(e))
+    except Exception as e:  # composition errors: unknown keys, wrong types
+        fail(one_line_error(e, overrides))
 
 
 def group_options(group: str) -> list[str]:
@@ -150,31 +166,24 @@ def check_composition(args: list[str]) -> None:
     outputs: list[str] = []
     # Every variant's values are checked before this machine is (SLURM's commands,
     # the cores): a bad value is named wherever the sweep is submitted from.
-    on_host: list[tuple[Any, Any, str, list[str]]] = []
+    on_host: list[tuple[DictConfig, GeminiConfig, str, list[str]]] = []
     for overrides in _variants(args):
         GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose("config", overrides=overrides, return_hydra_config=True)
-            typed = to_schema(cfg)
-            validate(typed, host=True)
-            choice = cfg.hydra.runtime.choices.get("hydra/launcher", "")
-            check_launcher(cfg.hydra.launcher, typed, choice=choice, multirun=multirun)
-        except ConfigError as e:
-            fail(str(e))
-        except Exception as e:  # composition errors: unknown keys, wrong types
-            fail(one_line_error(e, overrides))
+            with refused_in_one_line(overrides):
+                with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                    cfg = compose("config", overrides=overrides, return_hydra_config=True)
+                typed = to_schema(cfg)
+                validate(typed, host=True)
+                choice = cfg.hydra.runtime.choices.get("hydra/launcher", "")
+                check_launcher(cfg.hydra.launcher, typed, choice=choice, multirun=multirun)
         finally:
             GlobalHydra.instance().clear()
         outputs.append(typed.paths.outputs)
         on_host.append((cfg.hydra.launcher, typed, choice, overrides))
     for launcher, typed, choice, overrides in on_host:
-        try:
+        with refused_in_one_line(overrides):
             check_launcher_host(launcher, typed, choice=choice)
-        except ConfigError as e:
-            fail(str(e))
-        except Exception as e:
-            fail(one_line_error(e, overrides))
     # Only once every variant is valid: checking creates the directory.
     for path in dict.fromkeys(outputs):
         check_writable_or_fail(path)
