@@ -420,7 +420,8 @@ def test_a_rollback_drops_newer_local_and_replica_copies_so_two_slots_stay_curre
     acks = nodes.trim(step=2, generation=2)
     assert acks == {0: {"0": [3]}, 1: {"0": [3]}}
     assert nodes.inventory() == {0: {"0": [[2, 1]]}, 1: {"0": [[2, 1]]}}
-    assert nodes.trim(step=2, generation=3) == {0: {}, 1: {}}  # nothing left to drop
+    # Asked again (the same plan): nothing left to drop.
+    assert nodes.trim(step=2, generation=2) == {0: {}, 1: {}}
 
     # Generation 2 restores step 2 and writes step 3 again.
     fresh = TrainState(cfg, 0, 2, CPU)

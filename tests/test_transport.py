@@ -501,6 +501,38 @@ def test_a_lost_holder_fails_the_put_with_progress_and_the_client_reconnects(
         assert not server_threads(srv2.port)
 
 
+def test_abort_puts_ends_a_stalled_put_at_once_and_leaves_idle_connections_alone(
+    handler: MemHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A sender cut off mid-put (its link down: no reset ever arrives) would
+    # hold its put until the io timeout; the holder's agent ends it when the
+    # sender's generation is over.
+    caplog.set_level(logging.WARNING, logger="gemini.cluster.transport")
+    with (
+        TransportServer(SECRET, handler, io_timeout_s=60) as srv,
+        TransportClient("127.0.0.1", srv.port, SECRET, timeout_s=5) as idle,
+        raw_peer(srv.port) as cut_off,
+    ):
+        idle.put(1, 0, b"{}", b"before")
+        cut_off.sendall(put_stream(9, 4, b"{}", b"y" * 10_000, SMALL_CHUNK)[:-5])
+        wait_until(lambda: len(conn_threads(srv.port)) == 2 and len(handler.outstanding) == 1)
+        t0 = time.monotonic()
+        assert srv.abort_puts("its generation ended") == ["source 9 step 4"]
+        assert time.monotonic() - t0 < 2
+        # Returned once the target is aborted and the connection gone ...
+        [(kind, _)] = handler.events_for(9, 4)
+        assert kind == "abort" and not handler.outstanding
+        assert len(conn_threads(srv.port)) == 1
+        assert "its generation ended" in caplog.text
+        cut_off.settimeout(2)
+        while cut_off.recv(4096):  # the READY frame it never read, then the close
+            pass
+        # ... while the idle connection serves on, and nothing else was ended.
+        idle.put(1, 1, b"{}", b"after")
+        assert idle.list() == {"1": [0, 1]}
+        assert srv.abort_puts("again") == []
+
+
 def test_close_ends_idle_and_half_open_connections_and_joins_every_thread(
     handler: MemHandler,
 ) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from test_memory_backend import config_dict
-from test_transport import SECRET, MemHandler, conn_threads, wait_until
+from test_transport import SECRET, MemHandler, conn_threads, put_stream, raw_peer, wait_until
 
 from gemini.checkpoint import format as fmt
 from gemini.checkpoint import slot as sl
@@ -202,8 +202,8 @@ def make_state(step: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(256, 256, generator=g), "step": torch.tensor(step)}
 
 
-def encoded(step: int, rank: int) -> tuple[bytes, bytes]:
-    """(manifest JSON, data) of a real checkpoint of ``step``."""
+def encoded(step: int, rank: int, generation: int = 0) -> tuple[bytes, bytes]:
+    """(manifest JSON, data) of a real checkpoint of ``step``, written by ``generation``."""
     state = make_state(step)
     entries, nbytes = fmt.layout(state)
     buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -217,6 +217,7 @@ def encoded(step: int, rank: int) -> tuple[bytes, bytes]:
         extra={},
         buf=memoryview(buf.numpy()),
         chunk_bytes=16 << 10,
+        generation=generation,
     )
     return manifest.to_json(), bytes(buf.numpy())
 
@@ -284,6 +285,48 @@ def test_a_second_put_of_a_source_waits_for_the_first(holder: MemoryServices) ->
     got[0].abort("test over")
     assert holder.sets[0].complete_steps() == [(7, first.idx)]
     assert got[0].idx != first.idx
+
+
+def test_a_trim_ends_a_cut_off_senders_put_so_the_next_generation_puts_at_once(
+    holder: MemoryServices,
+) -> None:
+    # Generation 1's rank 0 was cut off in the middle of its put of step 8:
+    # its connection stays open, silent, for as long as the link is down.
+    old_manifest, old_data = encoded(8, 0, generation=1)
+    with TransportServer(SECRET, holder, io_timeout_s=120) as srv:
+        holder.server = srv
+        cut_off = raw_peer(srv.port)
+        cut_off.sendall(put_stream(0, 8, old_manifest, old_data, 16 << 10)[: len(old_data) // 2])
+        wait_until(lambda: 0 in holder._receiving)
+        # The recovery to step 7 launches generation 2: the trim ends that put.
+        assert holder.trim(7, generation=2) == {}
+        assert 0 not in holder._receiving
+        # Generation 2's rank 0 puts the same step straight away; held up
+        # behind the dead put it would wait past this client's timeout.
+        manifest, data = encoded(8, 0, generation=2)
+        with TransportClient("127.0.0.1", srv.port, SECRET, timeout_s=10) as c:
+            c.put(0, 8, manifest, data, chunk_bytes=32 << 10)
+        cut_off.close()
+    slots = holder.sets[0]
+    [(step, idx)] = slots.complete_steps()
+    assert step == 8 and slots.verify(idx).generation == 2
+
+
+def test_a_whole_copy_from_an_ended_generation_is_refused_after_a_trim(
+    holder: MemoryServices,
+) -> None:
+    # A cut-off sender's kernel delivers what it had written once the link
+    # returns, whole, after the recovery: it must not become a slot.
+    with (
+        TransportServer(SECRET, holder) as srv,
+        TransportClient("127.0.0.1", srv.port, SECRET, timeout_s=10) as c,
+    ):
+        c.put(0, 7, *encoded(7, 0, generation=1))
+        holder.trim(7, generation=2)
+        with pytest.raises(TransportError, match="written by generation 1, ended before"):
+            c.put(0, 8, *encoded(8, 0, generation=1))
+        c.put(0, 8, *encoded(8, 0, generation=2))
+    assert [s for s, _ in holder.sets[0].complete_steps()] == [8, 7]
 
 
 # ------------------------------------------------------------- the secret file

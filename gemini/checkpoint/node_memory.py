@@ -14,7 +14,10 @@ After every recovery plan the root asks each agent to *trim*: to invalidate
 every slot, local or replica, newer than the restored step. Those copies
 belong to the timeline the rollback abandoned; left in place, one would count
 as the newest slot and the next write would overwrite the only copy of the
-current timeline.
+current timeline. A trim first ends every put still being received: it comes
+from the ended generation (a sender cut off by a partition never closes its
+connection, and its put would hold the source's slot past the point where
+the next generation's put of that source gives up).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gemini.checkpoint import format as fmt
 from gemini.checkpoint.slot import SlotError, SlotSet, shm_name, standby_prefix
 from gemini.cluster import keys
 
@@ -64,7 +68,8 @@ class AgentServices:
             # absent (or unsigned) one was never the root's.
             req = self.store.get_json_or(keys.trim_request(n))
             if req is not None:
-                self.store.set_json(keys.trim_ack(n, self.node), self.trim(int(req["step"])))
+                dropped = self.trim(int(req["step"]), int(req.get("generation", 0)))
+                self.store.set_json(keys.trim_ack(n, self.node), dropped)
         n = self.store.counter(keys.INV_REQ)
         if n > self.answered:
             self.answered = n
@@ -74,8 +79,10 @@ class AgentServices:
         """Verified complete ``[step, generation]`` held here, per source rank."""
         return {}
 
-    def trim(self, step: int) -> dict[str, list[int]]:
-        """Invalidate every copy newer than ``step``; returns the steps dropped per rank."""
+    def trim(self, step: int, generation: int = 0) -> dict[str, list[int]]:
+        """Invalidate every copy newer than ``step``, and from now on refuse copies
+        written by generations before ``generation`` (the one about to launch);
+        returns the steps dropped per rank."""
         return {}
 
     def close(self) -> None:
@@ -85,14 +92,30 @@ class AgentServices:
 class _SlotTarget:
     """Where one incoming replica lands: a slot of the source's SlotSet."""
 
-    def __init__(self, slots: SlotSet, idx: int, data_len: int, done: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        slots: SlotSet,
+        idx: int,
+        data_len: int,
+        done: Callable[[], None],
+        floor: Callable[[], int],
+    ) -> None:
         self.slots, self.idx, self.data_len = slots, idx, data_len
-        self._done = done
+        self._done, self._floor = done, floor
 
     def buffer(self) -> memoryview:
         return self.slots.data_view(self.idx)
 
     def commit(self, manifest_json: bytes) -> None:
+        # A generation ended by a recovery may still deliver a whole put (its
+        # sender's kernel sends what was written once a cut link returns):
+        # that copy belongs to an abandoned timeline and must not become one
+        # of the slots the next generation counts on.
+        written_by, floor = fmt.Manifest.from_json(manifest_json).generation, self._floor()
+        if written_by < floor:
+            raise SlotError(
+                f"a copy written by generation {written_by}, ended before generation {floor}"
+            )
         # Chunks were verified on the wire; the content checksums are verified
         # when the root asks for an inventory, before this copy is relied on.
         self.slots.commit_raw(self.idx, manifest_json, verify=False)
@@ -173,6 +196,8 @@ class MemoryServices(AgentServices):
         # first to end, or both would pick the same slot.
         self._put_free = threading.Condition()
         self._receiving: set[int] = set()
+        self.generation_floor = 0
+        """Puts of copies written by an older generation are refused (set by trims)."""
 
     def start(self) -> dict[str, Any]:
         assert self.job is not None
@@ -238,7 +263,20 @@ class MemoryServices(AgentServices):
             out[str(rank)] = good
         return out
 
-    def trim(self, step: int) -> dict[str, list[int]]:
+    def trim(self, step: int, generation: int = 0) -> dict[str, list[int]]:
+        self.generation_floor = max(self.generation_floor, generation)
+        if self.server is not None:
+            # Every trainer of the ended generation has stopped, or is on a node
+            # cut off for good: a put still under way is that generation's, and
+            # one whose sender was cut off would hold its source's slot until
+            # the io timeout, while the next generation puts the same source.
+            # Ended before the slots are trimmed, so no stale copy commits after.
+            stale = self.server.abort_puts(f"its generation ended (recovery to step {step})")
+            if stale:
+                print(
+                    f"[agent {self.node}] ended the puts of an ended generation: {stale}",
+                    flush=True,
+                )
         out: dict[str, list[int]] = {}
         for rank, slots in self.sets.items():
             newer = [s for s, _ in slots.complete_steps() if s > step]
@@ -258,7 +296,9 @@ class MemoryServices(AgentServices):
                 raise SlotError(f"a put of rank {source} is still being received here")
             idx = slots.begin_write(step, data_len)
             self._receiving.add(source)
-        return _SlotTarget(slots, idx, data_len, lambda: self._put_done(source))
+        return _SlotTarget(
+            slots, idx, data_len, lambda: self._put_done(source), lambda: self.generation_floor
+        )
 
     def _put_done(self, source: int) -> None:
         with self._put_free:

@@ -194,6 +194,9 @@ class TransportServer:
         self._pending: dict[socket.socket, float] = {}
         # Connections the server hung up on, and why (for the one log line).
         self._hung_up: dict[socket.socket, str] = {}
+        # Connections with a put under way (a slot reserved), and what it is:
+        # abort_puts() ends them when their sender's generation is over.
+        self._putting: dict[socket.socket, str] = {}
         self._max_manifest_bytes = max_manifest_bytes
         self._send_chunk_bytes = max(1, min(send_chunk_bytes, MAX_CHUNK_BYTES))
         self._max_staging_bytes = max_staging_bytes
@@ -305,6 +308,32 @@ class TransportServer:
                 self._threads.add(thread)
             thread.start()
 
+    def abort_puts(self, why: str, timeout_s: float = 5.0) -> list[str]:
+        """End every put under way, each with its connection, and wait until their
+        targets are aborted; returns what they were (``source S step N``).
+
+        For the holder's agent when a generation ends: a sender cut off by a
+        partition never closes its connection (no reset crosses a link that is
+        down), so its put would keep the source's slot reserved until the io
+        timeout, longer than a new generation's trainer may wait to put the
+        same source. Idle connections are left alone (a client that finds its
+        connection closed reconnects once, but need not).
+        """
+        with self._lock:
+            ended = dict(self._putting)
+            threads = [self._conns[c] for c in ended if c in self._conns]
+            for conn in ended:
+                self._hung_up[conn] = why
+                # The serving thread's blocked recv returns: it aborts the
+                # target and closes the socket.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout_s
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        return sorted(ended.values())
+
     def _reap_handshakes(self) -> None:
         """Hang up on connections that have not proved the secret in time."""
         now = time.monotonic()
@@ -353,10 +382,17 @@ class TransportServer:
                         f"{ftype.name} frame of {length} bytes exceeds the control limit"
                     )
                 payload = recv_payload(conn, ftype, length, csum)
-                if ftype == FrameType.PUT_OPEN:
-                    self._serve_put_ranges(conn, parse_json(ftype, payload), header_buf, staging)
-                elif ftype == FrameType.PUT_BEGIN:
-                    self._serve_put(conn, parse_json(ftype, payload), header_buf)
+                if ftype in (FrameType.PUT_OPEN, FrameType.PUT_BEGIN):
+                    try:
+                        if ftype == FrameType.PUT_OPEN:
+                            self._serve_put_ranges(
+                                conn, parse_json(ftype, payload), header_buf, staging
+                            )
+                        else:
+                            self._serve_put(conn, parse_json(ftype, payload), header_buf)
+                    finally:
+                        with self._lock:
+                            self._putting.pop(conn, None)
                 elif ftype == FrameType.GET:
                     self._serve_get(conn, parse_json(ftype, payload))
                 else:
@@ -415,6 +451,8 @@ class TransportServer:
         except Exception as e:
             send_error(conn, f"refused by the holder: {e}")
             return None
+        with self._lock:
+            self._putting[conn] = what
         return _Reserved(target, self.port, what)
 
     def _conclude(
