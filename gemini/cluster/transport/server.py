@@ -330,8 +330,7 @@ class TransportServer:
                     conn.shutdown(socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout_s
         for t in threads:
-            if t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
+            t.join(max(0.0, deadline - time.monotonic()))
         return sorted(ended.values())
 
     def _reap_handshakes(self) -> None:
